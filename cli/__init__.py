@@ -1,0 +1,1 @@
+"""The `pgsink` command line: a thin face over the engine."""

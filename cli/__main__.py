@@ -1,0 +1,3 @@
+from pgsink.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""pgsink engine: capture Postgres changes and deliver them to webhooks, all state in Postgres."""

@@ -1,0 +1,68 @@
+"""Connections to the state database, with driver errors translated at the boundary."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .errors import PgsinkError
+
+DATABASE_URL_ENV = "PGSINK_DATABASE_URL"
+
+
+def state_dsn(explicit: str | None = None) -> str:
+    """The state database URL from --database-url or PGSINK_DATABASE_URL."""
+    dsn = explicit or os.environ.get(DATABASE_URL_ENV)
+    if not dsn:
+        raise PgsinkError(
+            "No state database given. Pass --database-url postgresql://user@host/db "
+            f"or set {DATABASE_URL_ENV}."
+        )
+    return dsn
+
+
+def redact(dsn: str) -> str:
+    """The DSN without its password, for messages and logs."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable connection string>"
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+
+
+def explain_connect_error(dsn: str, err: Exception) -> PgsinkError:
+    """Turn a driver connection error into one that says what to check."""
+    text = str(err).strip()
+    hint = "Check the host, port, user, password and database name"
+    if "password authentication failed" in text:
+        hint = "The password was refused: check the user and password"
+    elif "does not exist" in text and "database" in text:
+        hint = "The database does not exist: create it or fix the database name"
+    elif "Connection refused" in text or "could not connect" in text or "timeout" in text:
+        hint = "Nothing answered: check that Postgres is running and the host and port are right"
+    return PgsinkError(f"Cannot connect to {redact(dsn)}: {text}\n{hint}.")
+
+
+async def connect(dsn: str, **kwargs: object) -> psycopg.AsyncConnection:
+    """Open an async connection, translating failures into an actionable PgsinkError."""
+    try:
+        return await psycopg.AsyncConnection.connect(dsn, connect_timeout=10, **kwargs)  # type: ignore[arg-type]
+    except psycopg.OperationalError as e:
+        raise explain_connect_error(dsn, e) from e
+    except psycopg.ProgrammingError as e:
+        raise PgsinkError(f"Invalid connection string {redact(dsn)!r}: {e}") from e
+
+
+@asynccontextmanager
+async def connection(dsn: str, **kwargs: object) -> AsyncIterator[psycopg.AsyncConnection]:
+    conn = await connect(dsn, **kwargs)
+    try:
+        yield conn
+    finally:
+        await conn.close()

@@ -1,0 +1,1 @@
+"""SQL shipped with pgsink: numbered migrations and named queries (read as package data)."""
