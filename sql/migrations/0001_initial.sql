@@ -238,6 +238,17 @@ as $$
     select ((('x00000000' || substr(md5(p_group_key), 1, 8))::bit(64)::bigint) % p_lane_count)::smallint
 $$;
 
+-- Every transaction that appends to pgsink.messages first takes this lock
+-- for each sink it writes to (in sink id order, to avoid deadlocks), and
+-- allocates message ids only after.  Ids of one sink therefore commit in id
+-- order, so a lane cursor never moves past an id that commits later.
+create function pgsink.lock_sinks_for_enqueue(p_sink_ids uuid[]) returns void
+language sql
+as $$
+    select count(pg_advisory_xact_lock(hashtext('pgsink.enqueue'), hashtext(s::text)))
+    from (select distinct unnest(p_sink_ids) as s order by 1) ids
+$$;
+
 -- Make sure the partitions exist for changes committed in [p_from, p_to]
 -- (one per UTC day) and for message ids in [p_from_id, p_upto_id] (one per
 -- 1M ids).  Called before writing, outside the write transaction's hot part.
