@@ -1,0 +1,374 @@
+"""The reader: stream a source's WAL into the retention log and the sink queues.
+
+One active reader per source across all worker processes: leadership is a
+session advisory lock held by the very connection that runs the capture
+transactions, so a reader that loses its connection cannot commit anything
+more, and a standby takes over as soon as the lock is free.
+
+Flow per source: START_REPLICATION from the checkpoint -> decode -> buffer ->
+flush (one state transaction, see ``ingest``) -> only then a standby status
+update acknowledging the flushed position. Keepalives are answered; an idle
+source still acknowledges the server's position so WAL does not pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import orjson
+import psycopg
+
+from . import model
+from .db import connect
+from .decode import (
+    Keepalive,
+    LogicalMessage,
+    PgoutputDecoder,
+    RelationSeen,
+    RowChange,
+    TableTruncate,
+    TxBegin,
+    TxCommit,
+    XLogData,
+    parse_copy_data,
+    standby_status_update,
+)
+from .errors import PgsinkError, SourceError
+from .ingest import TX_COMPLETE, IngestBuffer, LeadershipLost, PendingChange, Position, record_key
+from .queries import QUERIES
+from .values import TypeRegistry
+from .wal2json import Wal2JsonDecoder
+
+log = logging.getLogger("pgsink.capture")
+
+STATE_SCHEMA = "pgsink"
+ANNOTATIONS_PREFIX = "pgsink:annotations"
+
+
+@dataclass
+class ReaderSettings:
+    flush_changes: int = 5000         # flush when this many changes are buffered
+    flush_interval: float = 0.01      # ... or when the oldest is this many seconds old
+    status_interval: float = 10.0     # standby status update at least this often
+    standby_poll: float = 1.0         # how often a standby tries to take over
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    config_poll: float = 2.0
+
+
+@dataclass
+class _Tx:
+    commit_lsn: int
+    committed_at: Any
+    xid: int
+    next_idx: int = 0
+    kept: int = 0
+    annotations: bytes | None = None
+
+
+class SourceReader:
+    """Reads one source while it holds that source's leadership."""
+
+    def __init__(self, state_dsn: str, source: model.Source, *, settings: ReaderSettings | None = None) -> None:
+        self.state_dsn = state_dsn
+        self.source = source
+        self.settings = settings or ReaderSettings()
+        self.sinks: list[model.Sink] = []
+        self.is_leader = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._pk_columns: dict[int, tuple[str, ...]] = {}
+        self._log_extra = {"source": source.name}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> None:
+        """Stand by until leader, then stream; reconnect with capped backoff on failures."""
+        delay = self.settings.reconnect_min
+        while not self.stopping:
+            try:
+                async with _StateSession(self.state_dsn) as state:
+                    if not await self._wait_for_leadership(state.conn):
+                        return
+                    log.info("reader for source %s is active", self.source.name, extra=self._log_extra)
+                    self.is_leader.set()
+                    try:
+                        await self._stream(state.conn)
+                        delay = self.settings.reconnect_min
+                    finally:
+                        self.is_leader.clear()
+            except (SourceError, psycopg.OperationalError, LeadershipLost, OSError) as e:
+                if self.stopping:
+                    return
+                log.warning("reader for source %s: %s; retrying in %.1fs", self.source.name, e, delay,
+                            extra=self._log_extra)
+                await self._sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, self.settings.reconnect_max)
+
+    async def _wait_for_leadership(self, conn: psycopg.AsyncConnection) -> bool:
+        while not self.stopping:
+            cur = await conn.execute(QUERIES["reader_try_lead"], (self.source.id,))
+            row = await cur.fetchone()
+            if row and row[0]:
+                return True
+            await self._sleep(self.settings.standby_poll)
+        return False
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            pass  # the normal case: the time passed without a stop
+
+    # ----------------------------------------------------------------- streaming
+
+    async def _stream(self, state: psycopg.AsyncConnection) -> None:
+        from .replication import ReplicationStream
+        from .source import ensure_slot_and_publication
+
+        await ensure_slot_and_publication(self.source)
+        cur = await state.execute(QUERIES["checkpoint_get"], (self.source.id,))
+        commit_lsn, commit_idx, ack_lsn = (await cur.fetchone())  # type: ignore[misc]
+        buffer = IngestBuffer(self.source.id, Position(commit_lsn, commit_idx), ack_lsn)
+        await self._reload_sinks(state)
+
+        source_conn = await connect(self.source.dsn(), autocommit=True)
+        types = TypeRegistry()
+        decoder: PgoutputDecoder | Wal2JsonDecoder
+        if self.source.decoder == "wal2json":
+            decoder, options = Wal2JsonDecoder(types), WAL2JSON_OPTIONS
+        else:
+            decoder = PgoutputDecoder(types)
+            options = {"proto_version": "1", "publication_names": self.source.publication_name,
+                       "messages": "true"}
+        stream = await ReplicationStream.open(
+            self.source.dsn(), self.source.slot_name, ack_lsn, options,
+            description=f"source {self.source.name!r}",
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            tx: _Tx | None = None
+            last_status = loop.time()
+            last_config = loop.time()
+            server_pos = ack_lsn
+            while not self.stopping:
+                timeout = self.settings.flush_interval if buffer.dirty else 1.0
+                raw = await stream.read(timeout)
+                if raw is not None:
+                    frame = parse_copy_data(raw)
+                    if isinstance(frame, Keepalive):
+                        server_pos = max(server_pos, frame.wal_end)
+                        if frame.reply_requested:
+                            last_status = -1e9  # answer at once, below
+                    elif isinstance(frame, XLogData):
+                        for event in decoder.feed(frame.payload):
+                            tx = await self._on_event(event, tx, buffer, source_conn, types, state)
+                if buffer.dirty and (len(buffer.changes) >= self.settings.flush_changes
+                                     or buffer.age() >= self.settings.flush_interval):
+                    await buffer.flush(state)
+                    await stream.send(standby_status_update(buffer.ack_lsn, buffer.ack_lsn, buffer.ack_lsn))
+                    last_status = loop.time()
+                now = loop.time()
+                if now - last_status >= self.settings.status_interval:
+                    # Idle: nothing buffered and no transaction open, so everything the server
+                    # sent up to its position is durable (or not ours): acknowledge it.
+                    if tx is None and not buffer.dirty and server_pos > buffer.ack_lsn:
+                        buffer.ack_lsn = server_pos
+                    await stream.send(standby_status_update(buffer.ack_lsn, buffer.ack_lsn, buffer.ack_lsn))
+                    last_status = now
+                if now - last_config >= self.settings.config_poll:
+                    await self._reload_sinks(state)
+                    last_config = now
+            if buffer.dirty and tx is None:
+                await buffer.flush(state)
+                await stream.send(standby_status_update(buffer.ack_lsn, buffer.ack_lsn, buffer.ack_lsn))
+        finally:
+            await stream.close()
+            await source_conn.close()
+
+    async def _on_event(self, event: Any, tx: _Tx | None, buffer: IngestBuffer,
+                        source_conn: psycopg.AsyncConnection, types: TypeRegistry,
+                        state: psycopg.AsyncConnection) -> _Tx | None:
+        if isinstance(event, RowChange):
+            assert tx is not None, "row change outside a transaction"
+            if event.schema == STATE_SCHEMA:
+                return tx  # pgsink's own tables never enter the stream
+            idx, tx.next_idx = tx.next_idx, tx.next_idx + 1
+            if buffer.should_skip(Position(tx.commit_lsn, idx)):
+                return tx
+            tx.kept += 1
+            await self._add_change(event, tx, idx, buffer, source_conn, state)
+            if len(buffer.changes) >= self.settings.flush_changes:
+                await buffer.flush(state)  # a chunk of a large transaction; no ack past its commit
+            return tx
+        if isinstance(event, TxBegin):
+            return _Tx(event.commit_lsn, event.committed_at, event.xid)
+        if isinstance(event, TxCommit):
+            partial = buffer.checkpoint.commit_lsn == event.commit_lsn and buffer.checkpoint.commit_idx != TX_COMPLETE
+            if tx is not None and (tx.kept or partial):
+                buffer.complete(event.commit_lsn, event.end_lsn)
+            elif not buffer.dirty and not buffer.should_skip(Position(event.commit_lsn, 0)):
+                buffer.ack_lsn = max(buffer.ack_lsn, event.end_lsn)  # nothing of ours in it
+            return None
+        if isinstance(event, RelationSeen):
+            await types.load(source_conn, event.type_oids)
+            self._pk_columns[event.oid] = await self._primary_key(source_conn, event.oid)
+            return tx
+        if isinstance(event, LogicalMessage):
+            if tx is not None and event.transactional and event.prefix == ANNOTATIONS_PREFIX:
+                tx.annotations = _annotations(event.content, self.source.name)
+            return tx
+        if isinstance(event, TableTruncate):
+            names = ", ".join(f"{s}.{t}" for _, s, t in event.tables if s != STATE_SCHEMA)
+            if names:
+                log.warning("TRUNCATE of %s captured: truncates are not delivered (no row events)",
+                            names, extra=self._log_extra)
+            return tx
+        return tx
+
+    async def _add_change(self, change: RowChange, tx: _Tx, idx: int, buffer: IngestBuffer,
+                          source_conn: psycopg.AsyncConnection, state: psycopg.AsyncConnection) -> None:
+        pk = self._pk_columns.get(change.table_oid)
+        if pk is None:
+            pk = self._pk_columns[change.table_oid] = await self._primary_key(source_conn, change.table_oid)
+        record_pk = record_key(change.record, pk) if pk else None
+        if change.unchanged_toast:
+            await self._fill_toast(change, record_pk, buffer, state)
+        messages: list[tuple[model.Sink, str | None]] = []
+        for sink in self.sinks:
+            if change.action not in sink.actions or not sink.matches_table(change.schema, change.table):
+                continue
+            messages.append((sink, self._group_key(sink, change, record_pk)))
+        buffer.add(PendingChange(tx.commit_lsn, idx, tx.xid, tx.committed_at, change, record_pk,
+                                 tx.annotations, messages))
+
+    @staticmethod
+    def _group_key(sink: model.Sink, change: RowChange, record_pk: str | None) -> str | None:
+        """Default group: the primary key. A table without one is one group (kept in order)."""
+        if not sink.message_grouping:
+            return None
+        columns = sink.group_columns(change.schema, change.table)
+        if columns:
+            return f"{change.schema}.{change.table}:{record_key(change.record, columns)}"
+        if record_pk is not None:
+            return f"{change.schema}.{change.table}:{record_pk}"
+        return f"{change.schema}.{change.table}"
+
+    async def _fill_toast(self, change: RowChange, record_pk: str | None, buffer: IngestBuffer,
+                          state: psycopg.AsyncConnection) -> None:
+        """Unchanged TOAST values are not in the WAL: take them from the row's last version."""
+        previous: dict[str, Any] | None = None
+        for pending in reversed(buffer.changes):
+            if pending.change.table_oid == change.table_oid and pending.record_pk == record_pk:
+                previous = pending.change.record
+                break
+        if previous is None and record_pk is not None:
+            cur = await state.execute(QUERIES["last_retained_record"], (self.source.id, change.table_oid, record_pk))
+            row = await cur.fetchone()
+            previous = orjson.loads(row[0]) if row else None
+        missing = []
+        for column in change.unchanged_toast:
+            if previous is not None and column in previous:
+                change.record[column] = previous[column]
+            else:
+                missing.append(column)
+        if missing:
+            log.warning("%s.%s row %s: unchanged TOAST column(s) %s not retained; left out of the record "
+                        "(set REPLICA IDENTITY FULL on the table to always have them)",
+                        change.schema, change.table, record_pk, ", ".join(missing), extra=self._log_extra)
+
+    async def _primary_key(self, source_conn: psycopg.AsyncConnection, oid: int) -> tuple[str, ...]:
+        cur = await source_conn.execute(QUERIES["source_primary_key"], (oid,))
+        return tuple(r[0] for r in await cur.fetchall())
+
+    async def _reload_sinks(self, state: psycopg.AsyncConnection) -> None:
+        config = await model.load_config(state)
+        self.sinks = [s for s in config.sinks_of(self.source.id) if s.status != "disabled"]
+
+
+WAL2JSON_OPTIONS = {
+    "format-version": "2", "include-xids": "1", "include-timestamp": "1", "include-lsn": "1",
+    "include-type-oids": "1", "include-transaction": "1", "include-pk": "1",
+    "filter-tables": f"{STATE_SCHEMA}.*",
+}
+
+
+def _annotations(content: bytes, source_name: str) -> bytes | None:
+    try:
+        value = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        log.warning("source %s: transaction annotations are not JSON; ignored: %r", source_name, content[:200])
+        return None
+    return orjson.dumps(value)
+
+
+class _StateSession:
+    """The reader's state connection: holds leadership and runs the capture transactions."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn: psycopg.AsyncConnection
+
+    async def __aenter__(self) -> _StateSession:
+        self.conn = await connect(self.dsn, autocommit=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.conn.close()  # releases the advisory lock
+
+
+class CaptureStage:
+    """Runs a reader for every configured source (or the named ones); follows config changes."""
+
+    def __init__(self, dsn: str, *, sources: list[str] | None = None,
+                 settings: ReaderSettings | None = None) -> None:
+        self.dsn = dsn
+        self.only = set(sources) if sources else None
+        self.settings = settings or ReaderSettings()
+        self.readers: dict[UUID, tuple[SourceReader, asyncio.Task[None]]] = {}
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for reader, _ in self.readers.values():
+            reader.stop()
+
+    async def run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                await self._sync_readers()
+                for reader, task in list(self.readers.values()):
+                    if task.done() and task.exception() is not None:
+                        raise PgsinkError(f"reader for source {reader.source.name} failed: "
+                                          f"{task.exception()}") from task.exception()
+                try:
+                    await asyncio.wait_for(self._stop.wait(), self.settings.config_poll)
+                except TimeoutError:
+                    pass  # time to look at the config again
+        finally:
+            for reader, _ in self.readers.values():
+                reader.stop()
+            await asyncio.gather(*(t for _, t in self.readers.values()), return_exceptions=True)
+
+    async def _sync_readers(self) -> None:
+        async with _StateSession(self.dsn) as state:
+            config = await model.load_config(state.conn)
+        wanted = {sid: s for sid, s in config.sources.items() if self.only is None or s.name in self.only}
+        for sid, (reader, task) in list(self.readers.items()):
+            if sid not in wanted or wanted[sid] != reader.source:
+                reader.stop()
+                await task
+                del self.readers[sid]
+        for sid, source in wanted.items():
+            if sid not in self.readers:
+                reader = SourceReader(self.dsn, source, settings=self.settings)
+                self.readers[sid] = (reader, asyncio.create_task(reader.run(), name=f"reader:{source.name}"))

@@ -1,0 +1,85 @@
+"""`pgsink worker`: one process type running the stages selected by --role.
+
+Stages are small classes with ``run()`` and ``stop()``. The supervisor starts
+them as named tasks and watches them: the first one that fails stops the whole
+worker loudly (never a silent half-dead process). SIGTERM/SIGINT stop claiming
+new work; stages finish in-flight work within their grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Iterable
+from typing import Protocol
+
+from .errors import PgsinkError
+
+log = logging.getLogger("pgsink.worker")
+
+ROLES = ("reader", "delivery")
+
+
+class Stage(Protocol):
+    async def run(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def build_stages(dsn: str, roles: Iterable[str], *, worker_id: str,
+                 sources: list[str] | None = None, sinks: list[str] | None = None) -> dict[str, Stage]:
+    stages: dict[str, Stage] = {}
+    for role in roles:
+        if role == "reader":
+            from .capture import CaptureStage
+
+            stages[role] = CaptureStage(dsn, sources=sources)
+        elif role == "delivery":
+            from .deliver import DeliveryStage
+
+            stages[role] = DeliveryStage(dsn, worker_id=worker_id, sinks=sinks)
+        else:
+            raise PgsinkError(f"Unknown role {role!r}; choose from {', '.join(ROLES)}.")
+    return stages
+
+
+async def run_stages(stages: dict[str, Stage], *, install_signals: bool = True) -> None:
+    """Run until a signal or until one stage fails (then stop the others and re-raise)."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def stop_all() -> None:
+        if not stopping.is_set():
+            log.info("stopping: finishing in-flight work")
+            stopping.set()
+            for stage in stages.values():
+                stage.stop()
+
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_all)
+    tasks = {asyncio.create_task(s.run(), name=f"stage:{name}"): name for name, s in stages.items()}
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None and not stopping.is_set():
+                    log.error("stage %s failed: %s", tasks[task], task.exception())
+                    stop_all()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    raise task.exception()  # type: ignore[misc]
+                if not stopping.is_set():
+                    log.error("stage %s ended unexpectedly", tasks[task])
+                    stop_all()
+    finally:
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
