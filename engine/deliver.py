@@ -1,0 +1,612 @@
+"""The delivery stage: lease lanes, POST group-ordered batches, ack or back off.
+
+Per active sink, a runner keeps up to ``min(lane_count, max_lanes_per_sink)``
+lanes in flight (one batch per lane, so a group never has two requests in
+flight) plus a few parked groups. Each lane batch: lease (within
+max_ack_pending) -> read after the cursor (waiting up to batch_timeout_ms for
+a short batch to fill) -> render -> POST -> one statement that acks, backs
+off, parks or discards. All state is in Postgres; a worker that dies loses
+its leases when they expire, and another delivers the batch again with the
+same idempotency keys.
+
+Wake-ups: LISTEN pgsink_messages (payload: sink id) on one connection, a
+jittered poll as fallback, local timers for back-offs that end, and a slot
+freeing up (a lane that finished a batch may have more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+import aiohttp
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from . import db
+from . import queue as q
+from .model import Config, Sink, config_version, load_config
+from .queries import QUERIES
+from .render import RenderContext, RequestTarget, render_body
+
+log = logging.getLogger("pgsink.deliver")
+
+T = TypeVar("T")
+
+TRANSIENT_DB_ERRORS = (psycopg.OperationalError,)
+"""Connection-level trouble with the state database: retried, never fatal."""
+
+
+class _Pulse:
+    """Wakes everyone waiting at the moment it fires (unlike an Event, it does not stay set)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it was set."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False
+
+
+def _jittered(seconds: float) -> float:
+    return seconds * random.uniform(0.8, 1.2)
+
+
+@dataclass(frozen=True)
+class _SinkSetup:
+    """A sink's config as one runner uses it; replaced whole on reload."""
+
+    sink: Sink
+    ctx: RenderContext
+    target: RequestTarget
+
+
+class DeliveryStage:
+    """Delivers the messages of active sinks to their HTTP endpoints until ``stop()``.
+
+    ``sinks`` limits the stage to these sinks (names or ids); None means all.
+    Back-off: ``backoff_base * 2^(n-1)`` seconds, capped at ``backoff_cap``,
+    jittered; a lane batch that failed ``park_after`` times in a row has its
+    groups parked so the rest of the lane flows on.
+    """
+
+    def __init__(self, dsn: str, *, worker_id: str, sinks: list[str] | None = None,
+                 poll_interval: float = 1.0, lease_seconds: float = 30.0, shutdown_grace: float = 10.0,
+                 backoff_base: float = 1.0, backoff_cap: float = 180.0,
+                 park_after: int = q.PARK_AFTER_FAILURES,
+                 park_health_window: float = q.PARK_HEALTH_WINDOW_SECONDS,
+                 max_lanes_per_sink: int = 32, max_groups_per_sink: int = 8, pool_size: int = 10) -> None:
+        self.dsn = dsn
+        self.worker_id = worker_id
+        self.owner = f"{worker_id}:{uuid.uuid4().hex[:12]}"  # unique per stage: fences our leases
+        self.sink_filter = set(sinks) if sinks is not None else None
+        self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
+        self.shutdown_grace = shutdown_grace
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.park_after = park_after
+        self.park_health_window = park_health_window
+        self.max_lanes_per_sink = max_lanes_per_sink
+        self.max_groups_per_sink = max_groups_per_sink
+        self.pool_size = pool_size
+        self._stop_requested = False
+        self._stop: asyncio.Event | None = None
+        self._fatal: BaseException | None = None
+        self._runners: dict[UUID, _SinkRunner] = {}
+        self._retired: list[_SinkRunner] = []
+        self._touched_sinks: set[UUID] = set()
+        self._config_dirty: asyncio.Event | None = None
+        self._side_tasks: list[asyncio.Task[None]] = []
+        self._pool: AsyncConnectionPool | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._warned_missing: set[str] = set()
+
+    # ------------------------------------------------------------ public
+
+    def stop(self) -> None:
+        """Stop claiming; in-flight requests get ``shutdown_grace`` seconds, then leases are released."""
+        self._stop_requested = True
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self) -> None:
+        """Deliver until ``stop()``; raises if a loop fails for a reason other than a lost connection."""
+        self._stop = asyncio.Event()
+        self._config_dirty = asyncio.Event()
+        if self._stop_requested:
+            self._stop.set()
+        listener = await db.connect(self.dsn, autocommit=True)  # fails early, with a clear message
+        self._pool = AsyncConnectionPool(
+            self.dsn, min_size=1, max_size=self.pool_size, kwargs={"autocommit": True},
+            open=False, name=f"pgsink.deliver.{self.worker_id}",
+        )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            headers={"user-agent": "pgsink"},
+        )
+        try:
+            await self._pool.open(wait=True, timeout=30)
+            self._side("listen", self._listen(listener))
+            self._side("config", self._config_loop())
+            self._side("renew", self._renew_loop())
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+            await listener.close()
+        if self._fatal is not None:
+            raise self._fatal
+
+    # ------------------------------------------------------------ plumbing for runners
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        assert self._pool is not None
+        return self._pool
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task whose unexpected failure stops the whole stage, loudly."""
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._watch)
+        return task
+
+    def _side(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._side_tasks.append(self.spawn(coro, f"pgsink.deliver.{name}"))
+
+    def _watch(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self._fatal is None:
+            log.error("delivery task %s failed; stopping the stage", task.get_name(), exc_info=exc)
+            self._fatal = exc
+            self.stop()
+
+    async def with_conn(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        async with self.pool.connection() as conn:
+            return await fn(conn, *args, **kwargs)
+
+    async def post(self, setup: _SinkSetup, messages: list[q.QueuedMessage]) -> q.Attempt:
+        """POST one batch; any outcome becomes an Attempt (never raises for HTTP trouble)."""
+        assert self._session is not None
+        body = setup.target.encode(render_body(messages, setup.ctx))
+        timeout_ms = setup.sink.request_timeout_ms
+        started = datetime.now(UTC)
+        t0 = time.perf_counter()
+        status: int | None = None
+        text: str | None = None
+        error: str | None = None
+        try:
+            async with self._session.post(
+                setup.target.url, data=body, headers=dict(setup.target.headers), allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout_ms / 1000),
+            ) as resp:
+                status = resp.status
+                raw = await resp.content.read(q.RESPONSE_BODY_LIMIT)
+                text = raw.decode("utf-8", "replace").replace("\x00", "")
+        except TimeoutError:
+            error = f"timed out after {timeout_ms} ms (the sink's request_timeout_ms)"
+        except aiohttp.ClientError as e:
+            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        duration_ms = int((time.perf_counter() - t0) * 1000)
+        delivered = error is None and status is not None and 200 <= status < 300
+        return q.Attempt([m.id for m in messages], started, duration_ms, status, text, error, delivered)
+
+    # ------------------------------------------------------------ side loops
+
+    async def _listen(self, conn: psycopg.AsyncConnection) -> None:
+        """LISTEN for new messages and config changes; reconnects, polling covers the gaps."""
+        delay = 0.5
+        while not self.stopping:
+            try:
+                if conn.closed:
+                    conn = await db.connect(self.dsn, autocommit=True)
+                await conn.execute(QUERIES["listen_messages"])
+                await conn.execute(QUERIES["listen_config"])
+                delay = 0.5
+                self._wake_all()  # anything sent while we were not listening
+                async for n in conn.notifies():
+                    if n.channel == "pgsink_config":
+                        assert self._config_dirty is not None
+                        self._config_dirty.set()
+                    else:
+                        self._on_messages(n.payload)
+            except (psycopg.OperationalError, db.PgsinkError) as e:
+                log.warning("LISTEN connection lost (%s); polling until it is back", e)
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                assert self._stop is not None
+                await _wait_event(self._stop, delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                if self.stopping:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+
+    def _on_messages(self, payload: str) -> None:
+        try:
+            runner = self._runners.get(UUID(payload))
+        except ValueError:
+            self._wake_all()
+            return
+        if runner is not None:
+            runner.notify()
+
+    def _wake_all(self) -> None:
+        for r in self._runners.values():
+            r.notify()
+
+    async def _config_loop(self) -> None:
+        """Load config at start; reload when its fingerprint changes or on NOTIFY pgsink_config."""
+        assert self._stop is not None and self._config_dirty is not None
+        version: tuple[Any, ...] | None = None
+        while not self.stopping:
+            try:
+                async with self.pool.connection() as conn:
+                    current = await config_version(conn)
+                    if current != version or self._config_dirty.is_set():
+                        self._config_dirty.clear()
+                        config = await load_config(conn)
+                        await self._apply(config, conn)
+                        version = current
+            except TRANSIENT_DB_ERRORS as e:
+                log.warning("cannot read config from the state database (%s); retrying", e)
+            self._retired = [r for r in self._retired if r.busy()]
+            await _wait_event(self._config_dirty, _jittered(self.poll_interval))
+
+    async def _apply(self, config: Config, conn: psycopg.AsyncConnection) -> None:
+        """Start runners for active sinks, reconfigure changed ones, stop paused or removed ones."""
+        wanted: dict[UUID, _SinkSetup] = {}
+        seen: set[str] = set()
+        for sink in config.sinks.values():
+            if self.sink_filter is not None:
+                names = {sink.name, str(sink.id)} & self.sink_filter
+                if not names:
+                    continue
+                seen |= names
+            if sink.status != "active":
+                continue
+            endpoint = config.endpoints[sink.http_endpoint_id]
+            source = config.sources[sink.source_id]
+            wanted[sink.id] = _SinkSetup(sink, RenderContext.for_sink(sink, source),
+                                         RequestTarget.for_sink(sink, endpoint))
+        for name in (self.sink_filter or set()) - seen - self._warned_missing:
+            log.warning("sink %r is not configured; nothing to deliver for it", name)
+            self._warned_missing.add(name)
+        for sink_id, runner in list(self._runners.items()):
+            if sink_id not in wanted:
+                log.info("sink %s is no longer active here: stopping its delivery", runner.setup.sink.name)
+                runner.stop()
+                self._retired.append(runner)
+                del self._runners[sink_id]
+        for sink_id, setup in wanted.items():
+            runner = self._runners.get(sink_id)
+            if runner is None or runner.setup.sink.lane_count != setup.sink.lane_count:
+                await q.ensure_lanes(conn, sink_id, setup.sink.lane_count)
+            if runner is None:
+                runner = _SinkRunner(self, setup)
+                self._runners[sink_id] = runner
+                self._touched_sinks.add(sink_id)
+                runner.start()
+                log.info("delivering sink %s", setup.sink.name, extra={"sink": setup.sink.name})
+            else:
+                runner.setup = setup
+
+    async def _renew_loop(self) -> None:
+        """Extend held leases every third of the lease; a lease found lost is logged (its ack is fenced)."""
+        assert self._stop is not None
+        while not self.stopping:
+            await _wait_event(self._stop, self.lease_seconds / 3)
+            if self.stopping:
+                return
+            lanes: list[tuple[UUID, int]] = []
+            groups: list[tuple[UUID, str]] = []
+            for r in [*self._runners.values(), *self._retired]:
+                lanes.extend((r.sink_id, lane) for lane in r.lane_tasks)
+                groups.extend((r.sink_id, key) for key in r.group_tasks)
+            if not lanes and not groups:
+                continue
+            try:
+                kept_lanes, kept_groups = await self.with_conn(
+                    q.renew_leases, self.owner, self.lease_seconds, lanes, groups)
+            except TRANSIENT_DB_ERRORS as e:
+                log.warning("cannot renew leases (%s); they expire in %.0f s", e, self.lease_seconds)
+                continue
+            for lost in set(lanes) - kept_lanes:
+                log.warning("lease of lane %s of sink %s was lost; its batch will be delivered again",
+                            lost[1], lost[0])
+            for lost_group in set(groups) - kept_groups:
+                log.warning("lease of parked group %r of sink %s was lost", lost_group[1], lost_group[0])
+
+    async def _shutdown(self) -> None:
+        """Stop claiming, give in-flight requests the grace period, then release our leases."""
+        self._stop_requested = True
+        runners = [*self._runners.values(), *self._retired]
+        for r in runners:
+            r.stop()
+        await asyncio.gather(*(r.loop_task for r in runners if r.loop_task), return_exceptions=True)
+        inflight = [t for r in runners for t in r.tasks()]
+        if inflight:
+            _, pending = await asyncio.wait(inflight, timeout=self.shutdown_grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                log.warning("%d deliveries still running after %.1f s; abandoned, they will be retried",
+                            len(pending), self.shutdown_grace)
+                await asyncio.gather(*pending, return_exceptions=True)
+        for t in self._side_tasks:
+            t.cancel()
+        await asyncio.gather(*self._side_tasks, return_exceptions=True)
+        if self._pool is not None:
+            if self._touched_sinks and not self._pool.closed:
+                try:
+                    await self.with_conn(q.release_all, self.owner, sorted(self._touched_sinks))
+                except TRANSIENT_DB_ERRORS as e:
+                    log.warning("cannot release leases (%s); they expire in %.0f s", e, self.lease_seconds)
+            await self._pool.close()
+        if self._session is not None:
+            await self._session.close()
+
+
+class _SinkRunner:
+    """Delivery of one sink in this stage: a lane loop and a parked-group loop."""
+
+    def __init__(self, stage: DeliveryStage, setup: _SinkSetup) -> None:
+        self.stage = stage
+        self.setup = setup
+        self.sink_id = setup.sink.id
+        self.lane_tasks: dict[int, asyncio.Task[None]] = {}
+        self.group_tasks: dict[str, asyncio.Task[None]] = {}
+        self.lane_wake = asyncio.Event()
+        self.group_wake = asyncio.Event()
+        self.arrivals = _Pulse()
+        self.stopped = False
+        self.loop_task: asyncio.Task[None] | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.loop_task = self.stage.spawn(self._run(), f"pgsink.deliver.sink.{self.setup.sink.name}")
+
+    def stop(self) -> None:
+        self.stopped = True
+        for h in self._timers:
+            h.cancel()
+        self._timers.clear()
+        self.lane_wake.set()
+        self.group_wake.set()
+        self.arrivals.fire()
+
+    def notify(self) -> None:
+        self.lane_wake.set()
+        self.arrivals.fire()
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [*self.lane_tasks.values(), *self.group_tasks.values()]
+
+    def busy(self) -> bool:
+        return bool(self.lane_tasks or self.group_tasks) or (self.loop_task is not None and not self.loop_task.done())
+
+    @property
+    def halted(self) -> bool:
+        return self.stopped or self.stage.stopping
+
+    def _wake_later(self, event: asyncio.Event, delay: float) -> None:
+        if self.halted:
+            return
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            event.set()
+
+        handle = loop.call_later(max(0.0, delay), fire)
+        self._timers.add(handle)
+
+    async def _run(self) -> None:
+        await asyncio.gather(self._lane_loop(), self._group_loop())
+
+    # ------------------------------------------------------------ lanes
+
+    async def _lane_loop(self) -> None:
+        while not self.halted:
+            self.lane_wake.clear()
+            sink = self.setup.sink
+            free = min(sink.lane_count, self.stage.max_lanes_per_sink) - len(self.lane_tasks)
+            if free > 0:
+                try:
+                    leases = await self.stage.with_conn(
+                        q.lease_lanes, sink_id=sink.id, lane_count=sink.lane_count, batch_size=sink.batch_size,
+                        max_ack_pending=sink.max_ack_pending, owner=self.stage.owner, max_lanes=free,
+                        lease_seconds=self.stage.lease_seconds)
+                except TRANSIENT_DB_ERRORS as e:
+                    log.warning("sink %s: cannot lease lanes (%s); retrying", sink.name, e)
+                    leases = []
+                for lease in leases:
+                    if self.halted:
+                        await self._quietly(q.release_lane, lease, self.stage.owner)
+                        continue
+                    self.lane_tasks[lease.lane] = self.stage.spawn(
+                        self._lane_batch(lease), f"pgsink.deliver.{sink.name}.lane{lease.lane}")
+            await _wait_event(self.lane_wake, _jittered(self.stage.poll_interval))
+
+    async def _quietly(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        try:
+            await self.stage.with_conn(fn, *args)
+        except TRANSIENT_DB_ERRORS as e:
+            log.warning("sink %s: %s failed (%s); the lease will expire", self.setup.sink.name, fn.__name__, e)
+
+    async def _lane_batch(self, lease: q.LaneLease) -> None:
+        """Deliver one batch of a leased lane, then let the loop lease again."""
+        setup = self.setup
+        try:
+            messages = await self._read_filled(setup, lease)
+            if not messages:
+                await self.stage.with_conn(q.release_lane, lease, self.stage.owner)
+                return
+            plan = q.plan_batch(messages)
+            for m in plan.broken:
+                log.error("sink %s: message %d has no change row (pruned?); discarded", setup.sink.name, m.id)
+            attempt = await self.stage.post(setup, plan.deliver) if plan.deliver else None
+            if attempt is None or attempt.delivered:
+                ok = await self.stage.with_conn(
+                    q.advance_lane, lease, self.stage.owner, last_id=plan.last_id, attempt=attempt,
+                    copies=plan.copies_on_success(), behind_keys=plan.behind_keys, unpark_keys=plan.unpark_keys)
+                if plan.behind:
+                    self.group_wake.set()
+            else:
+                ok = await self._lane_failed(setup, lease, plan, attempt)
+            if not ok:
+                log.warning("sink %s: lease of lane %d was lost before its ack; another worker delivers it",
+                            setup.sink.name, lease.lane)
+        except TRANSIENT_DB_ERRORS as e:
+            log.warning("sink %s lane %d: state database error (%s); the batch will be retried",
+                        setup.sink.name, lease.lane, e)
+        finally:
+            self.lane_tasks.pop(lease.lane, None)
+            self.lane_wake.set()
+
+    async def _read_filled(self, setup: _SinkSetup, lease: q.LaneLease) -> list[q.QueuedMessage]:
+        """The next batch of the lane; a short one waits up to batch_timeout_ms to fill."""
+        sink = setup.sink
+        limit = lease.reserved
+        read = self._reader(setup, lease)
+        messages = await read(lease.delivered_id, limit)
+        if not messages or len(messages) >= limit or sink.batch_timeout_ms <= 0:
+            return messages
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + sink.batch_timeout_ms / 1000
+        while len(messages) < limit and not self.halted:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await self.arrivals.wait(remaining)
+            messages.extend(await read(messages[-1].id, limit - len(messages)))
+        return messages
+
+    def _reader(self, setup: _SinkSetup, lease: q.LaneLease
+                ) -> Callable[[int, int], Awaitable[list[q.QueuedMessage]]]:
+        async def read(after_id: int, limit: int) -> list[q.QueuedMessage]:
+            return await self.stage.with_conn(
+                q.read_lane_batch, sink_id=lease.sink_id, source_id=setup.sink.source_id, lane=lease.lane,
+                after_id=after_id, limit=limit)
+        return read
+
+    async def _lane_failed(self, setup: _SinkSetup, lease: q.LaneLease, plan: q.BatchPlan,
+                           attempt: q.Attempt) -> bool:
+        """Back off, park the batch's groups, or discard it (max_retry_count)."""
+        sink = setup.sink
+        stage = self.stage
+        failures = lease.failures + 1
+        past_retries = sink.max_retry_count is not None and failures > sink.max_retry_count
+        may_park = False
+        if failures >= stage.park_after and not past_retries:
+            may_park = await stage.with_conn(q.may_park, sink.id, lease.lane, stage.park_health_window)
+        fate = q.plan_failure(plan, failures=failures, max_retry_count=sink.max_retry_count,
+                              park_after=stage.park_after, may_park=may_park,
+                              base=stage.backoff_base, cap=stage.backoff_cap)
+        log.warning("sink %s lane %d: attempt %d failed (%s): %s", sink.name, lease.lane, failures,
+                    attempt.describe(), fate.kind, extra={"sink": sink.name})
+        if fate.kind == "backoff":
+            ok = await stage.with_conn(q.fail_lane, lease, stage.owner, delay=fate.delay,
+                                       in_flight=len(plan.deliver), attempt=attempt)
+            self._wake_later(self.lane_wake, fate.delay)
+            return ok
+        ok = await stage.with_conn(
+            q.advance_lane, lease, stage.owner, last_id=plan.last_id, attempt=attempt, copies=fate.copies,
+            park=fate.groups, behind_keys=plan.behind_keys,
+            unpark_keys=plan.unpark_keys if fate.kind == "discard" else [],
+            lane_error=attempt.describe())
+        if fate.groups:
+            self._wake_later(self.group_wake, min(g.delay for g in fate.groups))
+        return ok
+
+    # ------------------------------------------------------------ parked groups
+
+    async def _group_loop(self) -> None:
+        while not self.halted:
+            self.group_wake.clear()
+            sink = self.setup.sink
+            free = self.stage.max_groups_per_sink - len(self.group_tasks)
+            if free > 0:
+                try:
+                    leases = await self.stage.with_conn(
+                        q.lease_parked_groups, sink_id=sink.id, batch_size=sink.batch_size,
+                        max_ack_pending=sink.max_ack_pending, owner=self.stage.owner, max_groups=free,
+                        lease_seconds=self.stage.lease_seconds)
+                except TRANSIENT_DB_ERRORS as e:
+                    log.warning("sink %s: cannot lease parked groups (%s); retrying", sink.name, e)
+                    leases = []
+                for lease in leases:
+                    if self.halted:
+                        await self._quietly(q.release_parked_group, lease, self.stage.owner)
+                        continue
+                    self.group_tasks[lease.group_key] = self.stage.spawn(
+                        self._group_batch(lease), f"pgsink.deliver.{sink.name}.parked")
+            await _wait_event(self.group_wake, _jittered(self.stage.poll_interval))
+
+    async def _group_batch(self, lease: q.GroupLease) -> None:
+        """Deliver the next parked messages of one group, in order."""
+        setup = self.setup
+        sink = setup.sink
+        stage = self.stage
+        try:
+            messages = await stage.with_conn(q.read_parked_batch, sink_id=sink.id, source_id=sink.source_id,
+                                             group_key=lease.group_key, limit=lease.reserved)
+            broken = [m.id for m in messages if not m.renderable]
+            if broken:
+                log.error("sink %s: parked messages %s have no change row (pruned?); discarded", sink.name, broken)
+                await stage.with_conn(q.discard_parked, sink.id, broken)
+                messages = [m for m in messages if m.renderable]
+            if not messages:
+                if not await stage.with_conn(q.drop_drained_group, sink.id, lease.lane, lease.group_key):
+                    await stage.with_conn(q.release_parked_group, lease, stage.owner)
+                return
+            attempt = await stage.post(setup, messages)
+            if attempt.delivered:
+                await stage.with_conn(q.ack_parked, lease, stage.owner, attempt)
+                if len(messages) < lease.reserved:
+                    await stage.with_conn(q.drop_drained_group, sink.id, lease.lane, lease.group_key)
+                return
+            delay, pending, moved_on = q.parked_outcome(
+                messages, group_attempts=lease.attempts, max_retry_count=sink.max_retry_count,
+                base=stage.backoff_base, cap=stage.backoff_cap)
+            log.warning("sink %s parked group %r: attempt %d failed (%s)", sink.name, lease.group_key,
+                        lease.attempts + 1, attempt.describe(), extra={"sink": sink.name})
+            await stage.with_conn(q.fail_parked, lease, stage.owner, attempt, delay=delay, in_flight=pending,
+                                  max_retry_count=sink.max_retry_count, moved_on=moved_on)
+            self._wake_later(self.group_wake, delay)
+        except TRANSIENT_DB_ERRORS as e:
+            log.warning("sink %s parked group %r: state database error (%s); will retry",
+                        sink.name, lease.group_key, e)
+        finally:
+            self.group_tasks.pop(lease.group_key, None)
+            self.group_wake.set()
