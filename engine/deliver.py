@@ -34,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import db
 from . import queue as q
+from .errors import PgsinkError
 from .model import Config, Sink, config_version, load_config
 from .queries import QUERIES
 from .render import RenderContext, RequestTarget, render_body
@@ -159,6 +160,11 @@ class DeliveryStage:
         if self._fatal is not None:
             raise self._fatal
 
+    @property
+    def active_sinks(self) -> set[UUID]:
+        """Sinks this stage is delivering right now (active, and in its ``sinks`` selection)."""
+        return set(self._runners)
+
     # ------------------------------------------------------------ plumbing for runners
 
     @property
@@ -237,7 +243,7 @@ class DeliveryStage:
                         self._config_dirty.set()
                     else:
                         self._on_messages(n.payload)
-            except (psycopg.OperationalError, db.PgsinkError) as e:
+            except (psycopg.OperationalError, PgsinkError) as e:
                 log.warning("LISTEN connection lost (%s); polling until it is back", e)
                 with contextlib.suppress(Exception):
                     await conn.close()

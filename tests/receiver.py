@@ -36,7 +36,7 @@ class Received:
 
     n: int
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names lower-cased
     body: bytes            # after gzip decoding, when it was gzipped
     wire_length: int       # bytes on the wire
     started: float
@@ -143,7 +143,8 @@ class Receiver:
         if request.headers.get("content-encoding", "").lower() == "gzip" and raw[:2] == b"\x1f\x8b":
             body = gzip.decompress(raw)
         wire = int(request.headers.get("content-length", len(raw)))
-        rec = Received(len(self.requests), request.path, dict(request.headers), body, wire, time.monotonic())
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        rec = Received(len(self.requests), request.path, headers, body, wire, time.monotonic())
         self.requests.append(rec)
         groups = self._enter(rec)
         try:
