@@ -291,32 +291,53 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     return buf[pos:end].decode("utf-8", "replace"), end + 1
 
 
-def _tuple(buf: bytes, pos: int) -> tuple[Tuple, int]:
-    """TupleData: Int16 count, then per column 'n' | 'u' | 't' Int32 len bytes | 'b' Int32 len bytes."""
-    (ncols,) = _U16.unpack_from(buf, pos)
+_PAD = b"\x00\x00\x00\x00"
+_KIND_LEN = struct.Struct(">BI")
+
+
+def _read_tuple(buf: bytes, pos: int, end: int, binary_as_text: bool = False) -> tuple[list[Any], int, bool]:
+    """TupleData: Int16 count, then per column 'n' | 'u' | 't' Int32 len bytes | 'b' Int32 len bytes.
+
+    ``buf`` is the payload followed by ``_PAD`` (``end`` is the payload's length), so
+    a column's kind and length unpack in one call even for a trailing 'n'. Returns
+    (values, position after the tuple, whether any 'u' or 'b' column was seen).
+    """
+    ncols = (buf[pos] << 8) | buf[pos + 1]
     pos += 2
-    values: list[TupleValue] = []
+    values: list[Any] = []
     append = values.append
-    unpack_len = _U32.unpack_from
+    unpack = _KIND_LEN.unpack_from
+    special = False
     for _ in range(ncols):
-        kind = buf[pos]
-        pos += 1
+        kind, ln = unpack(buf, pos)
         if kind == _T:
-            (ln,) = unpack_len(buf, pos)
-            pos += 4
-            append(buf[pos:pos + ln].decode("utf-8", "replace"))
-            pos += ln
+            pos += 5
+            nxt = pos + ln
+            append(buf[pos:nxt].decode("utf-8", "replace"))
+            pos = nxt
         elif kind == _N:
             append(None)
+            pos += 1
         elif kind == _U:
             append(UNCHANGED_TOAST)
+            pos += 1
+            special = True
         elif kind == _B:
-            (ln,) = unpack_len(buf, pos)
-            pos += 4
-            append(bytes(buf[pos:pos + ln]))
-            pos += ln
+            pos += 5
+            nxt = pos + ln
+            raw = bytes(buf[pos:nxt])
+            append("\\x" + raw.hex() if binary_as_text else raw)
+            pos = nxt
+            special = True
         else:
             raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
+    if pos > end:
+        raise DecodeError("malformed tuple data: the message ends inside it")
+    return values, pos, special
+
+
+def _tuple(buf: bytes, pos: int, end: int) -> tuple[Tuple, int]:
+    values, pos, _ = _read_tuple(buf, pos, end)
     return tuple(values), pos
 
 
@@ -332,7 +353,7 @@ class PgoutputParser:
 
     def parse(self, payload: bytes) -> RawMessage:
         try:
-            return self._parse(payload)
+            return self._parse(payload + _PAD, len(payload))
         except (struct.error, IndexError, ValueError) as e:
             if isinstance(e, DecodeError):
                 raise
@@ -344,14 +365,16 @@ class PgoutputParser:
             return _U32.unpack_from(buf, pos)[0], pos + 4
         return None, pos
 
-    def _parse(self, buf: bytes) -> RawMessage:
+    def _parse(self, buf: bytes, end: int) -> RawMessage:
         kind = buf[:1]
+        if kind in _ROW_KINDS and end < 8:
+            raise DecodeError(f"malformed pgoutput message {kind!r}: {end} bytes is too short")
         if kind == b"I":
             xid, pos = self._xid(buf, 1)
             (oid,) = _U32.unpack_from(buf, pos)
             if buf[pos + 4] != ord("N"):
                 raise DecodeError("insert without a new tuple")
-            new, _ = _tuple(buf, pos + 5)
+            new, _ = _tuple(buf, pos + 5, end)
             return Insert(oid, new, xid)
         if kind == b"U":
             xid, pos = self._xid(buf, 1)
@@ -362,11 +385,11 @@ class PgoutputParser:
             marker = chr(buf[pos])
             if marker in ("K", "O"):
                 old_kind = marker
-                old, pos = _tuple(buf, pos + 1)
+                old, pos = _tuple(buf, pos + 1, end)
                 marker = chr(buf[pos])
             if marker != "N":
                 raise DecodeError(f"update without a new tuple (got {marker!r})")
-            new, _ = _tuple(buf, pos + 1)
+            new, _ = _tuple(buf, pos + 1, end)
             return Update(oid, old_kind, old, new, xid)
         if kind == b"D":
             xid, pos = self._xid(buf, 1)
@@ -374,7 +397,7 @@ class PgoutputParser:
             marker = chr(buf[pos + 4])
             if marker not in ("K", "O"):
                 raise DecodeError(f"delete without an old tuple (got {marker!r})")
-            old, _ = _tuple(buf, pos + 5)
+            old, _ = _tuple(buf, pos + 5, end)
             return Delete(oid, marker, old, xid)
         if kind == b"B":
             final_lsn, ts, xid_ = _BEGIN.unpack_from(buf, 1)
@@ -402,6 +425,8 @@ class PgoutputParser:
             (lsn,) = struct.unpack_from(">Q", buf, pos + 1)
             prefix, pos = _cstring(buf, pos + 9)
             (ln,) = _U32.unpack_from(buf, pos)
+            if pos + 4 + ln > end:
+                raise DecodeError("malformed message: content longer than the message")
             return Message(bool(flags & 1), lsn, prefix, bytes(buf[pos + 4:pos + 4 + ln]), xid)
         if kind == b"O":
             (lsn,) = struct.unpack_from(">Q", buf, 1)
@@ -421,7 +446,7 @@ class PgoutputParser:
             return StreamCommit(xid_, flags, commit_lsn, end_lsn, pg_timestamp(ts))
         if kind == b"A":
             xid_, subxid = struct.unpack_from(">II", buf, 1)
-            if len(buf) >= 25:
+            if end >= 25:
                 abort_lsn, abort_ts = struct.unpack_from(">Qq", buf, 9)
                 return StreamAbort(xid_, subxid, abort_lsn, pg_timestamp(abort_ts))
             return StreamAbort(xid_, subxid)
@@ -517,14 +542,18 @@ def _fallback(conv: Converter | None, value: Any) -> Any:
 
 
 def convert_row(
-    names: Sequence[str], convs: Sequence[Converter | None], values: Sequence[Any]
+    names: Sequence[str], convs: Sequence[Converter | None], values: Sequence[Any], special: bool = True
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """Column texts -> (record, unchanged TOAST column names). ``values`` items are
-    None, UNCHANGED_TOAST or the text; UNCHANGED_TOAST columns are left out of the record."""
+    None, UNCHANGED_TOAST or the text; UNCHANGED_TOAST columns are left out of the record.
+    ``special=False`` promises there is no UNCHANGED_TOAST and no bytes (a faster path)."""
     record: dict[str, Any] = {}
     toast: list[str] | None = None
     try:
-        for name, conv, v in zip(names, convs, values):
+        if not special:  # the common case: no TOAST marker, no binary value
+            return {n: v if v is None or c is None else c(v)
+                    for n, c, v in zip(names, convs, values, strict=False)}, ()
+        for name, conv, v in zip(names, convs, values, strict=False):
             if v is None:
                 record[name] = None
             elif v is UNCHANGED_TOAST:
@@ -539,7 +568,7 @@ def convert_row(
                 record[name] = conv(v)
     except Exception:  # noqa: BLE001 - redo this row value by value, keeping odd texts
         record, toast = {}, None
-        for name, conv, v in zip(names, convs, values):
+        for name, conv, v in zip(names, convs, values, strict=False):
             if v is UNCHANGED_TOAST:
                 toast = (toast or []) + [name]
             else:
@@ -562,7 +591,7 @@ def changed_old_values(
     changed_names: list[str] = []
     changed_convs: list[Converter | None] = []
     changed_old: list[Any] = []
-    for name, conv, o, n in zip(names, convs, old, new):
+    for name, conv, o, n in zip(names, convs, old, new, strict=False):
         if o is UNCHANGED_TOAST or n is UNCHANGED_TOAST or o == n:
             continue
         changed_names.append(name)
@@ -572,6 +601,15 @@ def changed_old_values(
 
 
 # ===================================================================== pgoutput -> events
+
+
+_ROW_KINDS = frozenset((b"I", b"U", b"D"))
+_NEW, _KEY, _OLD = ord("N"), ord("K"), ord("O")
+
+
+def _text_values(values: Tuple) -> list[Any]:
+    """Raw tuple values for conversion: binary ones become their ``\\x`` hex text."""
+    return [("\\x" + v.hex()) if type(v) is bytes else v for v in values]
 
 
 class _Rel:
@@ -613,6 +651,12 @@ class PgoutputDecoder:
 
     def feed(self, payload: bytes) -> list[Event]:
         """One XLogData payload -> 0..n events (resumes a paused replay first)."""
+        kind = payload[:1]
+        if kind in _ROW_KINDS and not self._queue and not self.parser.in_stream:
+            try:
+                return self._row_fast(kind, payload)
+            except (struct.error, IndexError) as e:
+                raise DecodeError(f"malformed pgoutput message {kind!r} ({len(payload)} bytes): {e}") from e
         msg = self.parser.parse(payload)
         if isinstance(msg, (StreamStart, StreamStop, StreamCommit, StreamAbort)):
             self._stream_control(msg)
@@ -658,13 +702,14 @@ class PgoutputDecoder:
             msg = queue.popleft()
             if isinstance(msg, Insert):
                 self._tx_started(out)
-                out.append(self._insert(msg))
+                out.append(self._row(msg.relation_oid, b"I", None, None, False, _text_values(msg.new), True))
             elif isinstance(msg, Update):
                 self._tx_started(out)
-                out.append(self._update(msg))
+                old = _text_values(msg.old) if msg.old is not None else None
+                out.append(self._row(msg.relation_oid, b"U", msg.old_kind, old, True, _text_values(msg.new), True))
             elif isinstance(msg, Delete):
                 self._tx_started(out)
-                out.append(self._delete(msg))
+                out.append(self._row(msg.relation_oid, b"D", msg.old_kind, _text_values(msg.old), True, None, True))
             elif isinstance(msg, Begin):
                 self._begin, self._begin_sent = msg, False
             elif isinstance(msg, Commit):
@@ -721,26 +766,55 @@ class PgoutputDecoder:
             rel.version = types.version
         return rel
 
-    def _insert(self, msg: Insert) -> RowChange:
-        rel = self._rel(msg.relation_oid)
-        record, toast = convert_row(rel.names, rel.convs, msg.new)
-        m = rel.msg
-        return RowChange("insert", m.oid, rel.schema, m.name, record, None, rel.keys, toast)
+    def _row_fast(self, kind: bytes, payload: bytes) -> list[Event]:
+        """Insert/Update/Delete outside a stream block, straight from the bytes (the hot path)."""
+        end = len(payload)
+        if end < 8:
+            raise DecodeError(f"malformed pgoutput message {kind!r}: {end} bytes is too short")
+        buf = payload + _PAD
+        (oid,) = _U32.unpack_from(buf, 1)
+        marker = buf[5]
+        old_kind: str | None = None
+        old: list[Any] | None = None
+        new: list[Any] | None = None
+        old_special = new_special = False
+        if kind == b"I":
+            if marker != _NEW:
+                raise DecodeError("insert without a new tuple")
+            new, _, new_special = _read_tuple(buf, 6, end, True)
+        elif kind == b"U":
+            pos = 5
+            if marker in (_KEY, _OLD):
+                old_kind = chr(marker)
+                old, pos, old_special = _read_tuple(buf, 6, end, True)
+            if buf[pos] != _NEW:
+                raise DecodeError(f"update without a new tuple (got {chr(buf[pos])!r})")
+            new, _, new_special = _read_tuple(buf, pos + 1, end, True)
+        else:
+            if marker not in (_KEY, _OLD):
+                raise DecodeError(f"delete without an old tuple (got {chr(marker)!r})")
+            old_kind = chr(marker)
+            old, _, old_special = _read_tuple(buf, 6, end, True)
+        out: list[Event] = []
+        self._tx_started(out)
+        out.append(self._row(oid, kind, old_kind, old, old_special, new, new_special))
+        return out
 
-    def _update(self, msg: Update) -> RowChange:
-        rel = self._rel(msg.relation_oid)
-        record, toast = convert_row(rel.names, rel.convs, msg.new)
-        changes = None
-        if msg.old_kind == "O" and msg.old is not None:
-            changes = changed_old_values(rel.names, rel.convs, msg.old, msg.new)
+    def _row(self, oid: int, kind: bytes, old_kind: str | None, old: Sequence[Any] | None, old_special: bool,
+             new: Sequence[Any] | None, new_special: bool) -> RowChange:
+        rel = self._rel(oid)
         m = rel.msg
-        return RowChange("update", m.oid, rel.schema, m.name, record, changes, rel.keys, toast)
-
-    def _delete(self, msg: Delete) -> RowChange:
-        rel = self._rel(msg.relation_oid)
-        record = old_values_record(rel.names, rel.convs, msg.old)
-        m = rel.msg
-        return RowChange("delete", m.oid, rel.schema, m.name, record, None, rel.keys, ())
+        if kind == b"I":
+            record, toast = convert_row(rel.names, rel.convs, new, new_special)  # type: ignore[arg-type]
+            return RowChange("insert", oid, rel.schema, m.name, record, None, rel.keys, toast)
+        if kind == b"U":
+            record, toast = convert_row(rel.names, rel.convs, new, new_special)  # type: ignore[arg-type]
+            changes = None
+            if old_kind == "O" and old is not None:
+                changes = changed_old_values(rel.names, rel.convs, old, new)  # type: ignore[arg-type]
+            return RowChange("update", oid, rel.schema, m.name, record, changes, rel.keys, toast)
+        record = old_values_record(rel.names, rel.convs, old)  # type: ignore[arg-type]
+        return RowChange("delete", oid, rel.schema, m.name, record, None, rel.keys, ())
 
     def _truncate(self, msg: Truncate) -> TableTruncate:
         tables = []

@@ -114,10 +114,6 @@ def _bool(text: str) -> Any:
     return text
 
 
-def _int(text: str) -> Any:
-    return int(text)
-
-
 def _float(text: str) -> Any:
     """Finite floats become numbers; NaN/Infinity stay strings (JSON has no such numbers)."""
     if text in _SPECIAL_NUMBERS:
@@ -340,7 +336,7 @@ def make_record_converter(fields: Sequence[tuple[str, Converter | None]]) -> Con
 
 _SCALARS: dict[int, Converter | None] = {
     16: _bool,
-    20: _int, 21: _int, 23: _int, 26: _int,
+    20: int, 21: int, 23: int, 26: int,  # Postgres prints plain decimal ints
     700: _float, 701: _float,
     1700: _numeric,
     114: _json, 3802: _json,

@@ -102,9 +102,8 @@ def _text(type_oid: int, value: Any) -> str | None:
         return "t"
     if value is False:
         return "f"
-    if type_oid == _BYTEA:
-        return "\\x" + value
-    return value if isinstance(value, str) else json.dumps(value)
+    text = value if isinstance(value, str) else json.dumps(value)
+    return "\\x" + text if type_oid == _BYTEA else text
 
 
 def _timestamp(text: str | None) -> datetime:

@@ -162,7 +162,8 @@ def test_parse_delete_truncate_message() -> None:
     assert p.parse(b"T" + b"\x00\x00\x00\x02" + b"\x03" + b"\x00\x00\x40\x01" + b"\x00\x00\x40\x05") == Truncate(
         (0x4001, 0x4005), cascade=True, restart_identity=True)
     assert p.parse(b"T\x00\x00\x00\x01\x02\x00\x00\x40\x01") == Truncate((0x4001,), False, True)
-    msg = b"M\x01" + b"\x00\x00\x00\x00\x01\x51\xd4\x38" + b"pgsink:annotations\x00" + b"\x00\x00\x00\x0c" + b'{"user":"x"}'
+    msg = (b"M\x01" + b"\x00\x00\x00\x00\x01\x51\xd4\x38" + b"pgsink:annotations\x00" + b"\x00\x00\x00\x0c"
+           + b'{"user":"x"}')
     assert p.parse(msg) == Message(True, 0x151D438, "pgsink:annotations", b'{"user":"x"}')
     msg = b"M\x00" + b"\x00\x00\x00\x00\x01\x51\xd4\xa8" + b"nt\x00" + b"\x00\x00\x00\x03" + b"\x00\xff\x01"
     assert p.parse(msg) == Message(False, 0x151D4A8, "nt", b"\x00\xff\x01")
@@ -191,15 +192,21 @@ def test_parse_stream_messages_and_xid_prefix() -> None:
     (b"Z\x00", "unsupported pgoutput message type"),
     (b"P\x00", "unsupported pgoutput message type"),
     (b"I\x00\x00", "malformed"),
-    (b"I\x00\x00\x40\x01X", "insert without a new tuple"),
+    (b"I\x00\x00\x40\x01X\x00\x00", "insert without a new tuple"),
+    (b"I\x00\x00\x40\x01N", "too short"),
     (b"I\x00\x00\x40\x01N\x00\x01z", "unknown tuple column kind"),
-    (b"U\x00\x00\x40\x01Q", "update without a new tuple"),
+    (b"U\x00\x00\x40\x01Q\x00\x00", "update without a new tuple"),
     (b"D\x00\x00\x40\x01N\x00\x00", "delete without an old tuple"),
     (b"I\x00\x00\x40\x01N\x00\x01t\x00\x00", "malformed"),
 ])
 def test_parser_errors_are_decode_errors(payload: bytes, match: str) -> None:
     with pytest.raises(DecodeError, match=match):
         PgoutputParser().parse(payload)
+    # the decoder's fast path for row messages says the same
+    decoder = PgoutputDecoder(TypeRegistry())
+    decoder.feed(REL_ORDERS)
+    with pytest.raises(DecodeError, match=match):
+        decoder.feed(payload)
 
 
 # ===================================================================== captured from the server (proto 1)
@@ -394,7 +401,8 @@ def test_truncate_and_non_transactional_message_outside_a_transaction() -> None:
 # insert (12); commit.  Then: insert (20) + message 'in-stream'; commit.  Then: insert (30); rollback
 # (the server had not flushed that abort yet, so its 'A' is hand-written below).
 
-_ITEMS2 = b"\x00\x00@Mpublic\x00items\x00d\x00\x02\x01id\x00\x00\x00\x00\x17\xff\xff\xff\xff\x00name\x00\x00\x00\x00\x19\xff\xff\xff\xff"
+_ITEMS2 = (b"\x00\x00@Mpublic\x00items\x00d\x00\x02\x01id\x00\x00\x00\x00\x17\xff\xff\xff\xff"
+           b"\x00name\x00\x00\x00\x00\x19\xff\xff\xff\xff")
 CAPTURED_STREAM = [
     b'S\x00\x00\x03\x02\x01',
     b'R\x00\x00\x03\x02' + _ITEMS2,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -46,7 +47,7 @@ ITEMS_ROW = (ITEMS, "public", "items", "d", ["id"], ["id"],
              ["id", "name", "price", "tags", "meta", "at", "m", "big"],
              [23, 25, 1700, 1009, 3802, 1184, MOOD, 25], [4, -1, -1, -1, -1, 8, 4, -1], [False] * 8,
              None, None, None)
-MOOD_ROW = (MOOD, "mood", "public", "e", "E", 0, 0, ",", [], [])
+MOOD_ROW: tuple[Any, ...] = (MOOD, "mood", "public", "e", "E", 0, 0, ",", [], [])
 
 _COLS = (b'\x00\x08\x01id\x00\x00\x00\x00\x17\xff\xff\xff\xff\x00name\x00\x00\x00\x00\x19\xff\xff\xff\xff\x00price'
          b'\x00\x00\x00\x06\xa4\x00\n\x00\x06\x00tags\x00\x00\x00\x03\xf1\xff\xff\xff\xff\x00meta\x00\x00\x00\x0e\xda'
@@ -215,7 +216,7 @@ def test_wal2json_capture_decodes_to_the_same_events() -> None:
     assert changes_only(events) == EXPECTED
     # and the same JSON bytes
     pg = changes_only(run(PgoutputDecoder(TypeRegistry()), PGOUTPUT))
-    for a, b in zip(events and changes_only(events), pg, strict=True):
+    for a, b in zip(changes_only(events), pg, strict=True):
         if isinstance(a, RowChange):
             assert dumps(a.record) == dumps(b.record) and dumps(a.changes) == dumps(b.changes)
 
@@ -265,7 +266,8 @@ def test_wal2json_numbers_keep_their_digits_and_special_values() -> None:
         while d.pending:
             out += d.resume()
     row = next(e for e in out if isinstance(e, RowChange))
-    assert dumps(row.record) == b'{"a":123.4500,"b":1.5e+300,"c":9223372036854775807,"d":"NaN","e":null,"f":false,"g":"\\\\x0102ff"}'
+    assert dumps(row.record) == (b'{"a":123.4500,"b":1.5e+300,"c":9223372036854775807,"d":"NaN","e":null,'
+                                 b'"f":false,"g":"\\\\x0102ff"}')
     begin = next(e for e in out if isinstance(e, TxBegin))
     assert begin.committed_at == datetime(2026, 11, 27, 14, 7, 43, 500000, tzinfo=UTC)
     assert begin.committed_at.tzinfo is UTC
