@@ -321,8 +321,13 @@ def make_record_converter(fields: Sequence[tuple[str, Converter | None]]) -> Con
 
     def convert_record(text: str) -> Any:
         values = parse_record(text)
+        if len(values) != len(fields):
+            if not fields and values == [None]:
+                return {}
+            # the type changed since the catalog was read: keep the text rather than drop a field
+            raise ValueError("composite value does not match the type's attributes")
         out: dict[str, Any] = {}
-        for (name, conv), v in zip(fields, values, strict=False):
+        for (name, conv), v in zip(fields, values, strict=True):
             if v is None or conv is None:
                 out[name] = v
             else:
@@ -492,11 +497,14 @@ class TypeRegistry:
     # ---- loading
 
     async def load(self, conn: psycopg.AsyncConnection[Any], oids: Iterable[int] = ()) -> None:
-        """Read the catalog for unknown types in ``oids`` (and everything they
-        reference) and for relations the decoders asked about."""
+        """Read the catalog for the user types in ``oids`` (and everything they
+        reference) and for the relations the decoders asked about.
+
+        User types are re-read even when known, so a composite or enum altered
+        since the last load is picked up at the next ``RelationSeen``.
+        """
         wanted = set(oids)
-        async with conn.transaction():
-            cur = conn.cursor(row_factory=tuple_row)
+        async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
             if self._want_oids or self._want_names:
                 want_oids, want_names = sorted(self._want_oids), sorted(self._want_names)
                 self._want_oids, self._want_names = set(), set()
@@ -507,16 +515,21 @@ class TypeRegistry:
                 })
                 for rel in self.add_relation_rows(await cur.fetchall()):
                     wanted.update(c.type_oid for c in rel.columns)
-            todo = set(self.missing(wanted))
+            todo = {o for o in wanted if o >= FIRST_USER_OID}
+            done: set[int] = set()
+            rows: list[Sequence[Any]] = []
             while todo:
                 await cur.execute(QUERIES["types_by_oid"], {"oids": sorted(todo)})
-                rows = self.add_type_rows(await cur.fetchall(), attempted=todo)
+                batch = await cur.fetchall()
+                rows.extend(batch)
+                done |= todo
                 refs: set[int] = set()
-                for r in rows:
-                    refs.update((r.elem, r.base))
-                    refs.update(t for _, t in r.attributes)
-                refs.discard(0)
-                todo = set(self.missing(refs))
+                for oid, _n, _s, _t, _c, elem, base, _d, _names, atttypes in batch:
+                    refs.update((int(elem or 0), int(base or 0)))
+                    refs.update(int(t) for t in atttypes or ())
+                todo = {o for o in refs if o >= FIRST_USER_OID} - done
+            if done:
+                self.add_type_rows(rows, attempted=done)
         log.debug("types loaded", extra={"types": len(self._rows), "relations": len(self._relations)})
 
     def add_relation_rows(self, rows: Iterable[Sequence[Any]]) -> list[RelationInfo]:
@@ -551,11 +564,12 @@ class TypeRegistry:
             new.append(row)
         self._attempted.update(attempted)
         self._attempted.update(r.oid for r in new)
+        # rebuild every user type: converters embed the converters of the types they contain
+        for oid in self._rows:
+            self._conv.pop(oid, None)
         building: set[int] = set()
-        for row in new:
-            self._conv.pop(row.oid, None)
-        for row in new:
-            self._build(row.oid, building)
+        for oid in self._rows:
+            self._build(oid, building)
         self.version += 1
         return new
 

@@ -350,3 +350,42 @@ async def test_ddl_mid_stream(aconn: psycopg.AsyncConnection[Any]) -> None:
     assert comparable(w2j) == comparable(pg)
     w_seen = [e for e in w2j if isinstance(e, RelationSeen)]
     assert 1 < len(w_seen) <= len(seen)  # wal2json re-announces when the columns change
+
+
+async def test_registry_load_reads_types_and_relations_from_the_catalog(aconn: psycopg.AsyncConnection[Any]) -> None:
+    await aconn.execute(SCHEMA_SQL)
+    await execute(
+        aconn,
+        "create table r (id int, code text not null, p person, twice int generated always as (id * 2) stored,"
+        " primary key (id))",
+        "create unique index r_code on r (code)",
+        "alter table r replica identity using index r_code",
+        "create table rp (id int, region text, primary key (id, region)) partition by list (region)",
+        "create table rp_eu partition of rp for values in ('eu')",
+    )
+    oid = (await (await aconn.execute("select 'r'::regclass::oid::int8")).fetchone())[0]  # type: ignore[index]
+    types = TypeRegistry()
+    types.want_relation(oid)
+    types.want_relation_named("public", "rp_eu")
+    assert types.needs_load()
+    await types.load(aconn, [])
+    assert not types.needs_load()
+    info = types.relation(oid)
+    assert info is not None and info.replica_identity == "i"
+    assert info.primary_key == ("id",) and info.identity_columns == ("code",) and info.key_columns == ("id",)
+    assert [(c.name, c.varlena, c.generated) for c in info.columns] == [
+        ("id", False, False), ("code", True, False), ("p", True, False), ("twice", False, True)]
+    leaf = types.relation_named("public", "rp_eu")
+    assert leaf is not None and leaf.root is not None and leaf.root[1:] == ("public", "rp")
+    # the relation's column types were loaded with it, with everything they reference
+    person = info.columns[2].type_oid
+    assert types.knows(person)
+    value = "(ann,\"(s,1,{a})\",{happy},\"2024-10-28 21:37:01+00\")"
+    assert dumps(types.convert(person, value)) == (
+        b'{"name":"ann","home":{"street":"s","zip":1,"tags":["a"]},"moods":["happy"],'
+        b'"born":"2024-10-28T21:37:01.000000Z"}')
+    # a type altered later is re-read at the next load
+    await aconn.execute("alter type person add attribute nick text")
+    assert types.convert(person, value[:-1] + ",al)") == value[:-1] + ",al)"  # stale: text, nothing misnamed
+    await types.load(aconn, [person])
+    assert types.convert(person, value[:-1] + ",al)")["nick"] == "al"

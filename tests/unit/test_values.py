@@ -321,3 +321,17 @@ def test_dumps_writes_raw_json_verbatim_and_plain_orjson_refuses_it() -> None:
         orjson.dumps(record)  # loud, never silently wrong
     with pytest.raises(TypeError):
         dumps({"x": object()})
+
+
+def test_a_changed_composite_is_rebuilt_with_the_types_that_contain_it() -> None:
+    a, a_arr = 21001, 21002
+    r = TypeRegistry()
+    r.add_type_rows([(a, "a", "public", "c", "C", 0, 0, ",", ["x"], [23]),
+                     (a_arr, "_a", "public", "b", "A", a, 0, ",", [], [])])
+    assert r.convert(a_arr, '{"(1)"}') == [{"x": 1}]
+    # a value with another number of fields than the catalog said (ALTER TYPE since the load):
+    # keep the text rather than put values under the wrong names
+    assert r.convert(a, "(1,z)") == "(1,z)"
+    r.add_type_rows([(a, "a", "public", "c", "C", 0, 0, ",", ["x", "y"], [23, 25])])
+    assert r.convert(a, "(1,z)") == {"x": 1, "y": "z"}
+    assert r.convert(a_arr, '{"(1,z)"}') == [{"x": 1, "y": "z"}]
