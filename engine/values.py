@@ -524,7 +524,7 @@ class TypeRegistry:
                 rows.extend(batch)
                 done |= todo
                 refs: set[int] = set()
-                for oid, _n, _s, _t, _c, elem, base, _d, _names, atttypes in batch:
+                for _oid, _n, _s, _t, _c, elem, base, _d, _names, atttypes in batch:
                     refs.update((int(elem or 0), int(base or 0)))
                     refs.update(int(t) for t in atttypes or ())
                 todo = {o for o in refs if o >= FIRST_USER_OID} - done
