@@ -1347,16 +1347,25 @@ async def _write(conn: psycopg.AsyncConnection, plan: Plan) -> None:
     """Execute a plan's changes, dependencies first (sources, endpoints, sinks; deletions reversed)."""
     for c in sorted(plan.changes, key=lambda c: _ORDER[(c.action, c.kind)]):
         log.info("%s %s %s", c.action, c.kind, c.name, extra={c.kind: c.name})
-        if c.action == "delete":
-            await conn.execute(QUERIES[_DELETES[c.kind]], {"name": c.name})
-        elif (c.action, c.kind) == ("create", "sink"):
-            cur = await conn.execute(QUERIES["sink_insert"], _sink_params(c.spec))
-            row = await cur.fetchone()
-            assert row is not None
-            await conn.execute(QUERIES["sink_lanes_insert"], {"id": row[0], "lane_count": c.spec.lane_count})
-        else:
-            query, params = _WRITES[(c.action, c.kind)]
-            await conn.execute(QUERIES[query], params(c.spec))  # type: ignore[arg-type]
+        try:
+            await _write_one(conn, c)
+        except psycopg.Error as e:
+            # Only the primary message: a DETAIL line would echo the row, ciphertext included.
+            raise ConfigError(f"Cannot {c.action} {c.kind} {c.name!r}: {e.diag.message_primary or type(e).__name__}. "
+                              "Nothing was applied.") from None
+
+
+async def _write_one(conn: psycopg.AsyncConnection, c: Change) -> None:
+    if c.action == "delete":
+        await conn.execute(QUERIES[_DELETES[c.kind]], {"name": c.name})
+    elif (c.action, c.kind) == ("create", "sink"):
+        cur = await conn.execute(QUERIES["sink_insert"], _sink_params(c.spec))
+        row = await cur.fetchone()
+        assert row is not None
+        await conn.execute(QUERIES["sink_lanes_insert"], {"id": row[0], "lane_count": c.spec.lane_count})
+    else:
+        query, params = _WRITES[(c.action, c.kind)]
+        await conn.execute(QUERIES[query], params(c.spec))  # type: ignore[index]
 
 
 def _sources_to_check(plan: Plan, desired: Desired, current: Config) -> dict[str, tuple[Source, set[tuple[str, str]]]]:
@@ -1396,9 +1405,16 @@ async def _prepare_sources(checks: dict[str, tuple[Source, set[tuple[str, str]]]
     return warnings
 
 
+async def _load(conn: psycopg.AsyncConnection) -> Config:
+    try:
+        return await load_config(conn)
+    except psycopg.errors.UndefinedTable:
+        raise ConfigError("The state database has no pgsink schema yet: run `pgsink migrate` first.") from None
+
+
 async def read_config(dsn: str) -> Config:
     async with connection(dsn, autocommit=True) as conn:
-        return await load_config(conn)
+        return await _load(conn)
 
 
 async def plan_config(dsn: str, desired: Desired, *, prune: bool = False) -> Plan:
@@ -1425,7 +1441,7 @@ async def apply_config(dsn: str, desired: Desired, *, prune: bool = False, creat
     async with connection(dsn, autocommit=True) as conn:
         async with conn.transaction():
             await conn.execute(QUERIES["config_lock"])
-            latest = await load_config(conn)
+            latest = await _load(conn)
             plan = make_plan(desired, latest, prune=prune)
             if create_only:
                 _refuse_existing(plan)

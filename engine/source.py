@@ -290,8 +290,11 @@ async def check_source(source: Source, tables: list[tuple[str, str]] | None = No
                 wanted = set(tables)
                 identities = [t for t in identities if (t.schema, t.name) in wanted]
             warnings += identity_warnings(identities)
+    if len(problems) == 1:
+        raise SourceError(problems[0])
     if problems:
-        raise SourceError("\n".join(f"- {p}" for p in problems))
+        raise SourceError(f"{len(problems)} problems with source {source.name!r}:\n"
+                          + "\n".join(f"- {p}" for p in problems))
     return warnings
 
 

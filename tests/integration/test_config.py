@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,23 @@ async def test_sink_status_and_create_only(fresh_db: str, aconn: psycopg.AsyncCo
     with pytest.raises(ConfigError, match="source 'production-db' already exists"):
         await cfg.apply_config(fresh_db, cfg.Desired(sources=[
             cfg.SourceSpec(**{**d.sources[0].__dict__, "port": 1})]), create_only=True)
+
+
+async def test_every_write_notifies(fresh_db: str, aconn: psycopg.AsyncConnection, env: dict[str, str]) -> None:
+    await cfg.apply_config(fresh_db, desired(FIXTURE, env))
+    await aconn.execute("listen pgsink_config")
+    await cfg.set_sink_status(fresh_db, "users-audit", "active")
+    await cfg.remove_sink(fresh_db, "users-audit")
+    payloads = [n.payload async for n in aconn.notifies(timeout=10, stop_after=2)]
+    assert payloads == ["sink active", "remove sink"]
+
+
+async def test_concurrent_applies_write_once(fresh_db: str, aconn: psycopg.AsyncConnection, env: dict[str, str]) -> None:
+    results = await asyncio.gather(*(cfg.apply_config(fresh_db, desired(FIXTURE, env)) for _ in range(3)))
+    assert sorted(len(r.plan.changes) for r in results)[-1] == 4
+    assert await config_counts(aconn) == (1, 1, 2, 80)
+
+
+async def test_unmigrated_state_database_says_to_migrate(empty_db: str) -> None:
+    with pytest.raises(ConfigError, match="run `pgsink migrate` first"):
+        await cfg.read_config(empty_db)
