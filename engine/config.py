@@ -285,6 +285,12 @@ def _resolve(s: _Scalar) -> Any:
     return value
 
 
+def _is_null(s: _Scalar) -> bool:
+    if s.py is not _UNSET:
+        return s.py is None
+    return s.implicit and s.text in ("", "~", "null", "Null", "NULL")
+
+
 class _Loader(yaml.SafeLoader):
     """Composes nodes (not objects) and remembers which nodes carry an &anchor."""
 
@@ -449,11 +455,7 @@ class _Obj:
         """The node under key, or None when absent or null."""
         self.used.add(key)
         node = self.node.get(key)
-        if isinstance(node, _Scalar) and node.py is _UNSET and node.implicit and node.text in ("", "~", "null", "Null", "NULL"):
-            return None
-        if isinstance(node, _Scalar) and node.py is None:
-            return None
-        return node
+        return None if isinstance(node, _Scalar) and _is_null(node) else node
 
     def has(self, key: str) -> bool:
         return self.raw(key) is not None
@@ -980,7 +982,7 @@ def _read_list(report: _Report, root: _Map, key: str, what: str,
                reader: Callable[[_Obj], Any]) -> list[Any]:
     node = root.get(key)
     line = root.key_lines.get(key, 0)
-    if node is None or (isinstance(node, _Scalar) and node.text in ("", "~", "null")):
+    if node is None or (isinstance(node, _Scalar) and _is_null(node)):
         return []
     if not isinstance(node, _Seq):
         report.error(line, f"{key} must be a list of {what} entries (- name: ...)")
