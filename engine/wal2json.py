@@ -64,7 +64,7 @@ from .decode import (
     old_values_record,
     parse_lsn,
 )
-from .values import TypeRegistry
+from .values import Converter, TypeRegistry
 
 log = logging.getLogger("pgsink.decode")
 
@@ -83,10 +83,18 @@ _BYTEA = 17
 _BOOL = 16
 
 
+_JSON = json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=str)
+
+
 def _loads(payload: bytes | str) -> dict[str, Any]:
-    """Parse keeping every number as its literal text (no float rounding)."""
+    """Parse keeping every number as its literal text (no float rounding).
+
+    (Measured: ``orjson`` plus copying numeric digits back from the bytes was
+    slower than this, and harder to trust.)
+    """
     try:
-        obj = json.loads(payload, parse_int=str, parse_float=str, parse_constant=str)
+        text = payload if isinstance(payload, str) else bytes(payload).decode("utf-8", "replace")
+        obj = _JSON.decode(text)
     except ValueError as e:
         raise DecodeError(f"wal2json payload is not JSON: {e}") from e
     if not isinstance(obj, dict) or "action" not in obj:
@@ -94,16 +102,17 @@ def _loads(payload: bytes | str) -> dict[str, Any]:
     return obj
 
 
-def _text(type_oid: int, value: Any) -> str | None:
-    """A wal2json value -> the text Postgres printed."""
+def _text(type_oid: int, value: Any) -> Any:
+    """A wal2json value -> the text Postgres printed (numbers already are, see ``_loads``)."""
     if value is None:
         return None
     if value is True:
         return "t"
     if value is False:
         return "f"
-    text = value if isinstance(value, str) else json.dumps(value)
-    return "\\x" + text if type_oid == _BYTEA else text
+    if type_oid == _BYTEA:
+        return "\\x" + value
+    return value
 
 
 def _timestamp(text: str | None) -> datetime:
@@ -118,21 +127,47 @@ class _Col:
     type_oid: int
 
 
+Signature = list[tuple[str, str]]
+"""A payload's columns as (name, type oid text), compared as a whole to spot shape changes."""
+
+
+@dataclass(slots=True)
+class _Plan:
+    """How to turn a payload of one table into a record, valid for one registry version."""
+
+    version: int
+    columns: list[_Col]                    # the record's columns (generated ones left out)
+    names: list[str]
+    convs: list[Converter | None]
+    keep: list[int] | None                 # their positions among the table's columns; None: all
+    fixes: list[tuple[int, int]]           # (position, type oid) of bool/bytea columns to re-text
+    target: tuple[int, str, str]           # (oid, schema, table) the events name
+    keys: tuple[str, ...] | None           # from the catalog; None: use the payload's pk
+
+
 @dataclass(slots=True)
 class _Table:
     """What the decoder knows about one table as wal2json names it."""
 
     schema: str
     name: str
-    columns: list[_Col] | None = None          # the table's columns, in attnum order
+    columns: list[_Col] | None = None      # the table's columns, in attnum order
+    sig: Signature | None = None           # ``columns`` as a payload would list them
     verified_missing: set[frozenset[str]] = field(default_factory=set)
     announced: bool = False
+    plan: _Plan | None = None
+
+    def set_columns(self, columns: list[_Col] | None) -> None:
+        self.columns = columns
+        self.sig = None if columns is None else [(c.name, str(c.type_oid)) for c in columns]
+        self.plan = None
 
 
 @dataclass(slots=True)
 class _Item:
     obj: dict[str, Any]
     announced: bool = False
+    sig: Signature | None = None
 
 
 class Wal2JsonDecoder:
@@ -183,7 +218,7 @@ class Wal2JsonDecoder:
                 if action == "T":
                     self._truncate(obj)
                 else:
-                    out.append(self._row(obj))
+                    out.append(self._row(item))
                 continue
             queue.popleft()
             if action == "B":
@@ -226,97 +261,127 @@ class Wal2JsonDecoder:
         if table is None:
             table = self._tables[key] = _Table(*key)
         action = obj["action"]
-        cols = self._payload_columns(obj, "columns")
+        given = obj.get("columns")
+        sig = item.sig = [(c["name"], str(c["typeoid"])) for c in given] if given else None
         reason = None
         if not table.announced:
             reason = "new table"
-        elif action == "I" or (action == "U" and table.columns is not None):
-            known = {c.name: c.type_oid for c in table.columns or ()}
-            if action == "I" and [(c.name, c.type_oid) for c in cols] != [
-                (c.name, c.type_oid) for c in table.columns or ()
-            ]:
+        elif action == "I":
+            if sig != table.sig:
                 reason = "columns changed"
-            elif action == "U":
-                if any(known.get(c.name) != c.type_oid for c in cols):
-                    reason = "columns changed"
-                else:
-                    present = {c.name for c in cols}
-                    missing = frozenset(n for n in known if n not in present)
-                    if missing and missing not in table.verified_missing:
-                        reason = "columns missing"
+        elif action == "U" and table.sig is not None and sig is not None and sig != table.sig:
+            known = dict(table.sig)
+            if any(known.get(n) != t for n, t in sig):
+                reason = "columns changed"
+            else:
+                present = {n for n, _ in sig}
+                missing = frozenset(n for n, _ in table.sig if n not in present)
+                if missing and missing not in table.verified_missing:
+                    reason = "columns missing"
         if item.announced or reason is None:
-            self._settle_columns(table, action, cols)
+            self._settle_columns(table, action, obj, sig)
             return None
         item.announced = table.announced = True
         if action == "I":
-            table.columns = cols
+            table.set_columns(self._payload_columns(obj, "columns"))
         elif action == "U" and reason == "columns changed":
-            table.columns = None  # re-read from the catalog once loaded
+            table.set_columns(None)  # re-read from the catalog once loaded
         table.verified_missing.clear()
         self.types.want_relation_named(*key)
         info = self.types.relation_named(*key)
-        type_oids = tuple(c.type_oid for c in cols) or tuple(
+        type_oids = tuple(c.type_oid for c in self._payload_columns(obj, "columns")) or tuple(
             c.type_oid for c in self._payload_columns(obj, "identity"))
         return RelationSeen(info.oid if info else 0, key[0], key[1], type_oids)
 
-    def _settle_columns(self, table: _Table, action: str, cols: list[_Col]) -> None:
+    def _settle_columns(self, table: _Table, action: str, obj: dict[str, Any], sig: Signature | None) -> None:
         """After the catalog had its chance: fix the table's column list for this change."""
+        if sig is not None and sig == table.sig:
+            return  # the usual case: nothing to learn
         info = self.types.relation_named(table.schema, table.name)
         catalog = [_Col(c.name, c.type_oid) for c in info.columns if not c.generated] if info else None
-        if action == "I" or (table.columns is None and action == "U"):
-            table.columns = cols if action == "I" or catalog is None else catalog
+        if action == "I":
+            table.set_columns(self._payload_columns(obj, "columns"))
         elif table.columns is None:
-            table.columns = catalog
-        if action == "U" and table.columns is not None:
-            present = {c.name for c in cols}
+            if action == "U" and catalog is None:
+                table.set_columns(self._payload_columns(obj, "columns"))
+            else:
+                table.set_columns(catalog)
+        if action == "U" and table.columns is not None and sig is not None:
+            present = {n for n, _ in sig}
             missing = frozenset(c.name for c in table.columns if c.name not in present)
             if missing and missing not in table.verified_missing:
                 if catalog is not None:  # a column the catalog no longer has was dropped, not TOASTed
                     names = {c.name for c in catalog}
-                    table.columns = [c for c in table.columns if c.name in present or c.name in names]
-                    missing = frozenset(c.name for c in table.columns if c.name not in present)
+                    kept = [c for c in table.columns if c.name in present or c.name in names]
+                    if len(kept) != len(table.columns):
+                        table.set_columns(kept)
+                    missing = frozenset(c.name for c in kept if c.name not in present)
                 table.verified_missing.add(missing)
 
-    def _target(self, schema: str, name: str) -> tuple[int, str, str, tuple[str, ...] | None]:
-        """(oid, schema, table, key columns from the catalog) as the events name the table."""
+    def _target(self, schema: str, name: str) -> tuple[tuple[int, str, str], tuple[str, ...] | None]:
+        """((oid, schema, table) as the events name the table, key columns from the catalog)."""
         info = self.types.relation_named(schema, name)
         if info is None:
-            return 0, schema, name, None
-        keys = info.key_columns
+            return (0, schema, name), None
         if self.partition_root and info.root is not None:
-            return info.root[0], info.root[1], info.root[2], keys
-        return info.oid, schema, name, keys
+            return info.root, info.key_columns
+        return (info.oid, schema, name), info.key_columns
+
+    def _plan(self, table: _Table, obj: dict[str, Any]) -> _Plan:
+        plan = table.plan
+        if plan is not None and plan.version == self.types.version:
+            return plan
+        known = (table.columns or self._payload_columns(obj, "columns")
+                 or self._payload_columns(obj, "identity"))
+        generated = self._generated(table.schema, table.name)
+        keep = [i for i, c in enumerate(known) if c.name not in generated]
+        columns = [known[i] for i in keep]
+        target, keys = self._target(table.schema, table.name)
+        plan = _Plan(
+            self.types.version, columns, [c.name for c in columns],
+            [self.types.converter(c.type_oid) for c in columns],
+            None if len(keep) == len(known) else keep,
+            [(i, c.type_oid) for i, c in enumerate(known) if c.type_oid in (_BOOL, _BYTEA)],
+            target, keys,
+        )
+        if table.columns is not None:
+            table.plan = plan
+        return plan
 
     # ---- rows
 
-    def _row(self, obj: dict[str, Any]) -> RowChange:
-        schema, name = obj.get("schema") or "public", obj["table"]
-        table = self._tables[(schema, name)]
-        generated = self._generated(schema, name)
-        known = table.columns or self._payload_columns(obj, "columns") or self._payload_columns(obj, "identity")
-        columns = [c for c in known if c.name not in generated]
-        names = [c.name for c in columns]
-        types = self.types
-        convs = [types.converter(c.type_oid) for c in columns]
-        oid, out_schema, out_table, keys = self._target(schema, name)
+    def _row(self, item: _Item) -> RowChange:
+        obj = item.obj
+        table = self._tables[(obj.get("schema") or "public", obj["table"])]
+        plan = self._plan(table, obj)
+        oid, schema, name = plan.target
+        keys = plan.keys
         if keys is None:
             keys = tuple(c["name"] for c in obj.get("pk") or ())
         action = obj["action"]
 
         if action == "D":
-            old = self._aligned(columns, obj.get("identity"), missing=None)
-            record = old_values_record(names, convs, old)
-            return RowChange("delete", oid, out_schema, out_table, record, None, keys, ())
+            old = self._aligned(plan.columns, obj.get("identity"), missing=None)
+            record = old_values_record(plan.names, plan.convs, old)
+            return RowChange("delete", oid, schema, name, record, None, keys, ())
 
-        new = self._aligned(columns, obj.get("columns"), missing=UNCHANGED_TOAST)
-        record, toast = convert_row(names, convs, new)
+        if item.sig is not None and item.sig == table.sig:  # the payload has exactly the table's columns
+            new = [c.get("value") for c in obj["columns"]]
+            for i, type_oid in plan.fixes:
+                new[i] = _text(type_oid, new[i])
+            if plan.keep is not None:
+                new = [new[i] for i in plan.keep]
+            record, toast = convert_row(plan.names, plan.convs, new, False)
+        else:
+            new = self._aligned(plan.columns, obj.get("columns"), missing=UNCHANGED_TOAST)
+            record, toast = convert_row(plan.names, plan.convs, new)
         if action == "I":
-            return RowChange("insert", oid, out_schema, out_table, record, None, keys, toast)
+            return RowChange("insert", oid, schema, name, record, None, keys, toast)
         changes = None
-        if self._identity_is_full(schema, name, columns, obj):
-            old = self._aligned(columns, obj.get("identity"), missing=UNCHANGED_TOAST)
-            changes = changed_old_values(names, convs, old, new)
-        return RowChange("update", oid, out_schema, out_table, record, changes, keys, toast)
+        if self._identity_is_full(table.schema, table.name, plan.columns, obj):
+            old = self._aligned(plan.columns, obj.get("identity"), missing=UNCHANGED_TOAST)
+            changes = changed_old_values(plan.names, plan.convs, old, new)
+        return RowChange("update", oid, schema, name, record, changes, keys, toast)
 
     def _generated(self, schema: str, name: str) -> frozenset[str]:
         """Generated columns: wal2json prints them, pgoutput (before PostgreSQL 18) does not."""
@@ -354,8 +419,7 @@ class Wal2JsonDecoder:
     # ---- truncate
 
     def _truncate(self, obj: dict[str, Any]) -> None:
-        oid, schema, name, _ = self._target(obj.get("schema") or "public", obj["table"])
-        entry = (oid, schema, name)
+        entry, _ = self._target(obj.get("schema") or "public", obj["table"])
         if entry not in self._truncating:
             self._truncating.append(entry)
         self._truncate_lsn = obj.get("lsn")
