@@ -75,6 +75,15 @@ def _jittered(seconds: float) -> float:
     return seconds * random.uniform(0.8, 1.2)
 
 
+async def _excerpt(resp: aiohttp.ClientResponse) -> str | None:
+    """The start of a response body for the attempt log; the status alone decides the outcome."""
+    try:
+        raw = await resp.content.read(q.RESPONSE_BODY_LIMIT)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        return f"<response body unreadable: {type(e).__name__}>"
+    return raw.decode("utf-8", "replace").replace("\x00", "")
+
+
 @dataclass(frozen=True)
 class _SinkSetup:
     """A sink's config as one runner uses it; replaced whole on reload."""
@@ -214,11 +223,10 @@ class DeliveryStage:
                 timeout=aiohttp.ClientTimeout(total=timeout_ms / 1000),
             ) as resp:
                 status = resp.status
-                raw = await resp.content.read(q.RESPONSE_BODY_LIMIT)
-                text = raw.decode("utf-8", "replace").replace("\x00", "")
+                text = await _excerpt(resp)
         except TimeoutError:
             error = f"timed out after {timeout_ms} ms (the sink's request_timeout_ms)"
-        except aiohttp.ClientError as e:
+        except (aiohttp.ClientError, ValueError, OSError) as e:  # refused, reset, TLS, bad header or URL
             error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         duration_ms = int((time.perf_counter() - t0) * 1000)
         delivered = error is None and status is not None and 200 <= status < 300
@@ -482,7 +490,10 @@ class _SinkRunner:
             for m in plan.broken:
                 log.error("sink %s: message %d has no change row (pruned?); discarded", setup.sink.name, m.id)
             attempt = await self.stage.post(setup, plan.deliver) if plan.deliver else None
-            if attempt is None or attempt.delivered:
+            if attempt is not None and attempt.delivered and plan.simple:
+                ok = await self.stage.with_conn(q.ack_lane, lease, self.stage.owner, last_id=plan.last_id,
+                                                attempt=attempt)
+            elif attempt is None or attempt.delivered:
                 ok = await self.stage.with_conn(
                     q.advance_lane, lease, self.stage.owner, last_id=plan.last_id, attempt=attempt,
                     copies=plan.copies_on_success(), behind_keys=plan.behind_keys, unpark_keys=plan.unpark_keys)
@@ -503,7 +514,7 @@ class _SinkRunner:
     async def _read_filled(self, setup: _SinkSetup, lease: q.LaneLease) -> list[q.QueuedMessage]:
         """The next batch of the lane; a short one waits up to batch_timeout_ms to fill."""
         sink = setup.sink
-        limit = lease.reserved
+        limit = min(lease.reserved, sink.batch_size)  # the config may have changed since the lease
         read = self._reader(setup, lease)
         messages = await read(lease.delivered_id, limit)
         if not messages or len(messages) >= limit or sink.batch_timeout_ms <= 0:
@@ -586,7 +597,8 @@ class _SinkRunner:
         stage = self.stage
         try:
             messages = await stage.with_conn(q.read_parked_batch, sink_id=sink.id, source_id=sink.source_id,
-                                             group_key=lease.group_key, limit=lease.reserved)
+                                             group_key=lease.group_key,
+                                             limit=min(lease.reserved, sink.batch_size))
             broken = [m.id for m in messages if not m.renderable]
             if broken:
                 log.error("sink %s: parked messages %s have no change row (pruned?); discarded", sink.name, broken)
@@ -599,7 +611,7 @@ class _SinkRunner:
             attempt = await stage.post(setup, messages)
             if attempt.delivered:
                 await stage.with_conn(q.ack_parked, lease, stage.owner, attempt)
-                if len(messages) < lease.reserved:
+                if len(messages) < min(lease.reserved, sink.batch_size):
                     await stage.with_conn(q.drop_drained_group, sink.id, lease.lane, lease.group_key)
                 return
             delay, pending, moved_on = q.parked_outcome(

@@ -185,6 +185,11 @@ class BatchPlan:
         return [Copy(m.id, "parked", 0) for m in self.behind] + [Copy(m.id, "discarded", 0) for m in self.broken]
 
     @property
+    def simple(self) -> bool:
+        """Nothing to park, discard or unpark: a success is a plain ack."""
+        return not (self.behind or self.broken or self.unpark_keys)
+
+    @property
     def behind_keys(self) -> list[str]:
         return sorted({m.park_key for m in self.behind})
 
@@ -254,10 +259,10 @@ async def lease_lanes(conn: psycopg.AsyncConnection, *, sink_id: UUID, lane_coun
         "lease_seconds": lease_seconds,
         "offset": random.randrange(lane_count) if offset is None else offset,
     }
-    async with conn.transaction():
+    async with conn.pipeline(), conn.transaction():  # one round trip: begin, lock, lease, commit
         await conn.execute(QUERIES["lock_sink_leases"], {"sink_id": sink_id})
         cur = await conn.execute(QUERIES["lease_lanes"], params)
-        rows = await cur.fetchall()
+    rows = await cur.fetchall()
     return [LaneLease(sink_id, r[0], r[1], r[2], r[3]) for r in rows]
 
 
@@ -284,6 +289,19 @@ def _attempt_params(attempt: Attempt | None) -> dict[str, Any]:
     return {"attempted": True, "attempt_ids": attempt.message_ids, "started_at": attempt.started_at,
             "duration_ms": attempt.duration_ms, "http_status": attempt.http_status,
             "response_body": attempt.response_body, "error": attempt.error, "delivered": attempt.delivered}
+
+
+async def ack_lane(conn: psycopg.AsyncConnection, lease: LaneLease, owner: str, *, last_id: int,
+                   attempt: Attempt) -> bool:
+    """The common success path of ``advance_lane``: nothing parked, nothing unparked."""
+    cur = await conn.execute(QUERIES["ack_lane"], {
+        "sink_id": lease.sink_id, "lane": lease.lane, "owner": owner, "after_id": lease.delivered_id,
+        "last_id": last_id, "attempt_ids": attempt.message_ids, "started_at": attempt.started_at,
+        "duration_ms": attempt.duration_ms, "http_status": attempt.http_status,
+        "response_body": attempt.response_body,
+    })
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def advance_lane(conn: psycopg.AsyncConnection, lease: LaneLease, owner: str, *, last_id: int,
@@ -342,13 +360,13 @@ async def lease_parked_groups(conn: psycopg.AsyncConnection, *, sink_id: UUID, b
                               max_ack_pending: int, owner: str, max_groups: int,
                               lease_seconds: float) -> list[GroupLease]:
     """Lease parked groups whose next attempt is due, within max_ack_pending."""
-    async with conn.transaction():
+    async with conn.pipeline(), conn.transaction():
         await conn.execute(QUERIES["lock_sink_leases"], {"sink_id": sink_id})
         cur = await conn.execute(QUERIES["lease_parked_groups"], {
             "sink_id": sink_id, "batch_size": batch_size, "max_ack_pending": max_ack_pending,
             "owner": owner, "max_groups": max_groups, "lease_seconds": lease_seconds,
         })
-        rows = await cur.fetchall()
+    rows = await cur.fetchall()
     return [GroupLease(sink_id, r[0], r[1], r[2], r[3]) for r in rows]
 
 

@@ -22,6 +22,7 @@ read's is base64 of ``"<backfill_id>:<record_pk>"``.
 from __future__ import annotations
 
 import base64
+import binascii
 import gzip
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from .queue import QueuedMessage
 
 
 def change_idempotency_key(commit_lsn: int, commit_idx: int) -> str:
-    return base64.b64encode(f"{commit_lsn}:{commit_idx}".encode()).decode()
+    return binascii.b2a_base64(f"{commit_lsn}:{commit_idx}".encode(), newline=False).decode()
 
 
 def read_idempotency_key(backfill_id: str, record_pk: str) -> str:

@@ -100,6 +100,25 @@ set lease_owner = null, lease_expires = null,
     in_flight = case when failures > 0 then in_flight else 0 end
 where sink_id = %(sink_id)s and lane = %(lane)s and lease_owner = %(owner)s
 
+-- name: ack_lane
+-- The common success path: cursor past the batch + the attempt row, nothing else.
+with lane as (
+    update pgsink.lanes
+    set delivered_id = %(last_id)s::bigint, failures = 0, retry_at = null, in_flight = 0,
+        last_error = null, lease_owner = null, lease_expires = null
+    where sink_id = %(sink_id)s and lane = %(lane)s
+      and lease_owner = %(owner)s and delivered_id = %(after_id)s::bigint
+    returning sink_id, lane
+),
+attempt as (
+    insert into pgsink.attempts
+        (sink_id, lane, message_ids, started_at, duration_ms, http_status, response_body, error, delivered)
+    select lane.sink_id, lane.lane, %(attempt_ids)s::bigint[], %(started_at)s, %(duration_ms)s,
+           %(http_status)s, %(response_body)s, null, true
+    from lane
+)
+select count(*) from lane
+
 -- name: advance_lane
 -- Move the cursor past a batch, in one statement: the attempt row, copies
 -- into parked_messages (parked behind, parked after failing, or discarded),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -268,6 +269,32 @@ def _assert_growing_gaps(rows: list[tuple[Any, ...]], *, base: float, cap: float
     for n, w in enumerate(waits, start=1):
         assert w >= backoff_floor(n, base, cap) - 0.02, (n, waits)
     assert waits[-1] > waits[0] * 2, waits
+
+
+async def test_unreachable_endpoint_and_bad_header_are_failed_attempts_not_crashes(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    refused = await create_sink(aconn, f"http://127.0.0.1:{closed_port}", name="refused", lane_count=1)
+    bad = await create_sink(aconn, receiver.url, name="bad_header", lane_count=1,
+                            endpoint_headers={"x-bad": "a\r\nInjected: 1"})
+    fine = await create_sink(aconn, receiver.url, name="fine", lane_count=1)
+    for refs in (refused, bad, fine):
+        await enqueue_changes(aconn, refs.sink_id, seq_rows(["a"], 1))
+
+    async def failed_twice(sink_id: Any) -> bool:
+        return await scalar(aconn, "select count(*) from pgsink.attempts where sink_id = %s and error is not null",
+                            sink_id) >= 2
+
+    async with running(stage_for(fresh_db)):
+        await receiver.wait_until(lambda: len(receiver.delivered()) == 1)
+        await wait_for(lambda: failed_twice(refused.sink_id), what="refused connections to be retried")
+        await wait_for(lambda: failed_twice(bad.sink_id), what="the bad header to fail attempts")
+    assert "Cannot connect" in await scalar(aconn, "select error from pgsink.attempts where sink_id = %s limit 1",
+                                            refused.sink_id)
+    assert await scalar(aconn, "select last_error from pgsink.lanes where sink_id = %s", bad.sink_id)
+    assert len(receiver.requests) == 1  # nothing with the injected header reached the receiver
 
 
 # ---------------------------------------------------------------- parking

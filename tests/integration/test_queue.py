@@ -140,11 +140,12 @@ async def test_ack_moves_cursor_with_one_statement_and_no_message_updates(aconn:
     msgs = await read(aconn, refs, ls)
     assert [m.id for m in msgs] == ids
     # fenced: a stranger, or a cursor that moved, changes nothing
-    assert not await q.advance_lane(aconn, ls, "stranger", last_id=ids[-1], attempt=ok_attempt(ids))
     moved = q.LaneLease(ls.sink_id, ls.lane, ls.delivered_id + 1, 0, ls.reserved)
-    assert not await q.advance_lane(aconn, moved, "w1", last_id=ids[-1], attempt=ok_attempt(ids))
+    for ack in (q.ack_lane, q.advance_lane):
+        assert not await ack(aconn, ls, "stranger", last_id=ids[-1], attempt=ok_attempt(ids))
+        assert not await ack(aconn, moved, "w1", last_id=ids[-1], attempt=ok_attempt(ids))
     assert await scalar(aconn, "select count(*) from pgsink.attempts") == 0
-    assert await q.advance_lane(aconn, ls, "w1", last_id=ids[-1], attempt=ok_attempt(ids))
+    assert await q.ack_lane(aconn, ls, "w1", last_id=ids[-1], attempt=ok_attempt(ids))
     lane = await (await aconn.execute(
         "select delivered_id, lease_owner, in_flight, failures from pgsink.lanes where sink_id = %s",
         (refs.sink_id,))).fetchone()

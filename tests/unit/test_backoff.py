@@ -75,6 +75,7 @@ def test_plan_splits_blocked_drained_and_broken() -> None:
     assert plan.behind_keys == ["b"]
     assert plan.last_id == 5
     assert plan.copies_on_success() == [Copy(2, "parked", 0), Copy(5, "parked", 0), Copy(4, "discarded", 0)]
+    assert not plan.simple and plan_batch([msg(1), msg(2, "x")]).simple
 
 
 def test_failure_backs_off_then_parks_then_discards() -> None:
