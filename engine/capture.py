@@ -38,11 +38,11 @@ from .decode import (
     parse_copy_data,
     standby_status_update,
 )
-from .errors import PgsinkError, SourceError
+from .errors import PgsinkError
 from .ingest import TX_COMPLETE, IngestBuffer, LeadershipLost, PendingChange, Position, record_key
 from .queries import QUERIES
 from .values import TypeRegistry
-from .wal2json import Wal2JsonDecoder
+from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
 
 log = logging.getLogger("pgsink.capture")
 
@@ -81,7 +81,6 @@ class SourceReader:
         self.sinks: list[model.Sink] = []
         self.is_leader = asyncio.Event()
         self._stop = asyncio.Event()
-        self._pk_columns: dict[int, tuple[str, ...]] = {}
         self._log_extra = {"source": source.name}
 
     def stop(self) -> None:
@@ -106,7 +105,7 @@ class SourceReader:
                         delay = self.settings.reconnect_min
                     finally:
                         self.is_leader.clear()
-            except (SourceError, psycopg.OperationalError, LeadershipLost, OSError) as e:
+            except (PgsinkError, psycopg.OperationalError, LeadershipLost, OSError) as e:
                 if self.stopping:
                     return
                 log.warning("reader for source %s: %s; retrying in %.1fs", self.source.name, e, delay,
@@ -145,13 +144,15 @@ class SourceReader:
         types = TypeRegistry()
         decoder: PgoutputDecoder | Wal2JsonDecoder
         if self.source.decoder == "wal2json":
-            decoder, options = Wal2JsonDecoder(types), WAL2JSON_OPTIONS
+            # wal2json knows no publications: it sees every table but ours, partitions as their root
+            decoder = Wal2JsonDecoder(types, partition_root=True)
+            options = {**WAL2JSON_OPTIONS, "filter-tables": f"{STATE_SCHEMA}.*"}
         else:
             decoder = PgoutputDecoder(types)
             options = {"proto_version": "1", "publication_names": self.source.publication_name,
                        "messages": "true"}
         stream = await ReplicationStream.open(
-            self.source.dsn(), self.source.slot_name, ack_lsn, options,
+            self.source.dsn(options=SESSION_OPTIONS), self.source.slot_name, ack_lsn, options,
             description=f"source {self.source.name!r}",
         )
         loop = asyncio.get_running_loop()
@@ -170,8 +171,13 @@ class SourceReader:
                         if frame.reply_requested:
                             last_status = -1e9  # answer at once, below
                     elif isinstance(frame, XLogData):
-                        for event in decoder.feed(frame.payload):
-                            tx = await self._on_event(event, tx, buffer, source_conn, types, state)
+                        events = decoder.feed(frame.payload)
+                        while True:
+                            for event in events:
+                                tx = await self._on_event(event, tx, buffer, source_conn, types, state)
+                            if not decoder.pending:
+                                break
+                            events = decoder.resume()  # the types it paused for are loaded now
                 if buffer.dirty and (len(buffer.changes) >= self.settings.flush_changes
                                      or buffer.age() >= self.settings.flush_interval):
                     await buffer.flush(state)
@@ -206,7 +212,7 @@ class SourceReader:
             if buffer.should_skip(Position(tx.commit_lsn, idx)):
                 return tx
             tx.kept += 1
-            await self._add_change(event, tx, idx, buffer, source_conn, state)
+            await self._add_change(event, tx, idx, buffer, state)
             if len(buffer.changes) >= self.settings.flush_changes:
                 await buffer.flush(state)  # a chunk of a large transaction; no ack past its commit
             return tx
@@ -221,7 +227,6 @@ class SourceReader:
             return None
         if isinstance(event, RelationSeen):
             await types.load(source_conn, event.type_oids)
-            self._pk_columns[event.oid] = await self._primary_key(source_conn, event.oid)
             return tx
         if isinstance(event, LogicalMessage):
             if tx is not None and event.transactional and event.prefix == ANNOTATIONS_PREFIX:
@@ -236,10 +241,8 @@ class SourceReader:
         return tx
 
     async def _add_change(self, change: RowChange, tx: _Tx, idx: int, buffer: IngestBuffer,
-                          source_conn: psycopg.AsyncConnection, state: psycopg.AsyncConnection) -> None:
-        pk = self._pk_columns.get(change.table_oid)
-        if pk is None:
-            pk = self._pk_columns[change.table_oid] = await self._primary_key(source_conn, change.table_oid)
+                          state: psycopg.AsyncConnection) -> None:
+        pk = change.key_columns  # the primary key, from the catalog
         record_pk = record_key(change.record, pk) if pk else None
         if change.unchanged_toast:
             await self._fill_toast(change, record_pk, buffer, state)
@@ -286,20 +289,14 @@ class SourceReader:
                         "(set REPLICA IDENTITY FULL on the table to always have them)",
                         change.schema, change.table, record_pk, ", ".join(missing), extra=self._log_extra)
 
-    async def _primary_key(self, source_conn: psycopg.AsyncConnection, oid: int) -> tuple[str, ...]:
-        cur = await source_conn.execute(QUERIES["source_primary_key"], (oid,))
-        return tuple(r[0] for r in await cur.fetchall())
-
     async def _reload_sinks(self, state: psycopg.AsyncConnection) -> None:
         config = await model.load_config(state)
         self.sinks = [s for s in config.sinks_of(self.source.id) if s.status != "disabled"]
 
 
-WAL2JSON_OPTIONS = {
-    "format-version": "2", "include-xids": "1", "include-timestamp": "1", "include-lsn": "1",
-    "include-type-oids": "1", "include-transaction": "1", "include-pk": "1",
-    "filter-tables": f"{STATE_SCHEMA}.*",
-}
+# The value formats the decoders parse fastest and exactly (values.py relies on them).
+SESSION_OPTIONS = ("-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -c bytea_output=hex"
+                   " -c extra_float_digits=1")
 
 
 def _annotations(content: bytes, source_name: str) -> bytes | None:

@@ -174,11 +174,9 @@ class EmbeddedPostgres:
     def restart(self) -> None:
         """Restart the server on the same port (used to test reconnects)."""
         assert self._bindir is not None
-        self._run("pg_ctl", "restart", "-D", str(self.datadir), "-m", "fast", "-w", "-t", "60")
-
-    def pg_ctl(self, *args: str) -> None:
-        assert self._bindir is not None
-        self._run("pg_ctl", *args, "-D", str(self.datadir))
+        assert self.topdir is not None
+        self._run("pg_ctl", "restart", "-D", str(self.datadir), "-m", "fast", "-w", "-t", "60",
+                  "-l", str(self.topdir / "server.log"))
 
     def __enter__(self) -> EmbeddedPostgres:
         return self.start()

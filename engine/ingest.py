@@ -24,13 +24,13 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import orjson
 import psycopg
 
 from .decode import RowChange
 from .model import Sink
 from .queries import QUERIES
 from .queue import lane_for
+from .values import RawJson, dumps
 
 log = logging.getLogger("pgsink.ingest")
 
@@ -57,12 +57,16 @@ class PendingChange:
 
 
 def json_text(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return dumps(value).decode()
 
 
 def key_text(value: Any) -> str:
     """A column value as text for group keys: strings as is, the rest as JSON."""
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, RawJson):
+        return value.text
+    return dumps(value).decode()
 
 
 def record_key(record: dict[str, Any], columns: Iterable[str]) -> str:

@@ -54,9 +54,3 @@ where source_id = %s and source_table_oid = %s and record_pk = %s
 order by commit_lsn desc, commit_idx desc
 limit 1
 
--- name: source_primary_key
-select a.attname
-from pg_index i
-join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any (i.indkey)
-where i.indrelid = %s and i.indisprimary
-order by array_position(i.indkey::int2[], a.attnum)
