@@ -43,6 +43,9 @@ log = logging.getLogger("pgsink.deliver")
 
 T = TypeVar("T")
 
+LANE_HOLD_SECONDS = 2.0
+"""How long a worker may keep a lane while its batches come back full, before giving it back."""
+
 TRANSIENT_DB_ERRORS = (psycopg.OperationalError,)
 """Connection-level trouble with the state database: retried, never fatal."""
 
@@ -469,7 +472,7 @@ class _SinkRunner:
                         await self._quietly(q.release_lane, lease, self.stage.owner)
                         continue
                     self.lane_tasks[lease.lane] = self.stage.spawn(
-                        self._lane_batch(lease), f"pgsink.deliver.{sink.name}.lane{lease.lane}")
+                        self._lane_work(lease), f"pgsink.deliver.{sink.name}.lane{lease.lane}")
             await _wait_event(self.lane_wake, _jittered(self.stage.poll_interval))
 
     async def _quietly(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -478,45 +481,72 @@ class _SinkRunner:
         except TRANSIENT_DB_ERRORS as e:
             log.warning("sink %s: %s failed (%s); the lease will expire", self.setup.sink.name, fn.__name__, e)
 
-    async def _lane_batch(self, lease: q.LaneLease) -> None:
-        """Deliver one batch of a leased lane, then let the loop lease again."""
-        setup = self.setup
+    async def _lane_work(self, lease: q.LaneLease) -> None:
+        """Deliver batches of a leased lane: keep the lease while batches come back full.
+
+        Keeping the lane (for at most ``LANE_HOLD_SECONDS``, so other lanes get
+        their turn under max_ack_pending) saves a lease per batch, and the ack
+        of one batch travels with the read of the next; any outcome other than
+        a plain success gives the lane back.
+        """
+        loop = asyncio.get_running_loop()
+        until = loop.time() + LANE_HOLD_SECONDS
+        current: q.LaneLease | None = lease
+        prefetched: list[q.QueuedMessage] | None = None
         try:
-            messages = await self._read_filled(setup, lease)
-            if not messages:
-                await self.stage.with_conn(q.release_lane, lease, self.stage.owner)
-                return
-            plan = q.plan_batch(messages)
-            for m in plan.broken:
-                log.error("sink %s: message %d has no change row (pruned?); discarded", setup.sink.name, m.id)
-            attempt = await self.stage.post(setup, plan.deliver) if plan.deliver else None
-            if attempt is not None and attempt.delivered and plan.simple:
-                ok = await self.stage.with_conn(q.ack_lane, lease, self.stage.owner, last_id=plan.last_id,
-                                                attempt=attempt)
-            elif attempt is None or attempt.delivered:
-                ok = await self.stage.with_conn(
-                    q.advance_lane, lease, self.stage.owner, last_id=plan.last_id, attempt=attempt,
-                    copies=plan.copies_on_success(), behind_keys=plan.behind_keys, unpark_keys=plan.unpark_keys)
-                if plan.behind:
-                    self.group_wake.set()
-            else:
-                ok = await self._lane_failed(setup, lease, plan, attempt)
-            if not ok:
-                log.warning("sink %s: lease of lane %d was lost before its ack; another worker delivers it",
-                            setup.sink.name, lease.lane)
+            while current is not None:
+                current, prefetched = await self._lane_batch(current, prefetched, keep=loop.time() < until)
         except TRANSIENT_DB_ERRORS as e:
             log.warning("sink %s lane %d: state database error (%s); the batch will be retried",
-                        setup.sink.name, lease.lane, e)
+                        self.setup.sink.name, lease.lane, e)
         finally:
             self.lane_tasks.pop(lease.lane, None)
             self.lane_wake.set()
 
-    async def _read_filled(self, setup: _SinkSetup, lease: q.LaneLease) -> list[q.QueuedMessage]:
+    async def _lane_batch(self, lease: q.LaneLease, prefetched: list[q.QueuedMessage] | None, *, keep: bool
+                          ) -> tuple[q.LaneLease | None, list[q.QueuedMessage] | None]:
+        """Deliver one batch; returns the lease to go on with (and its next batch, if read), or None."""
+        setup = self.setup
+        stage = self.stage
+        limit = min(lease.reserved, setup.sink.batch_size)
+        messages = await self._read_filled(setup, lease, limit, prefetched)
+        if not messages:
+            await stage.with_conn(q.release_lane, lease, stage.owner)
+            return None, None
+        plan = q.plan_batch(messages)
+        for m in plan.broken:
+            log.error("sink %s: message %d has no change row (pruned?); discarded", setup.sink.name, m.id)
+        attempt = await stage.post(setup, plan.deliver) if plan.deliver else None
+        going_on = keep and len(messages) >= limit and not self.halted
+        if attempt is not None and attempt.delivered and plan.simple:
+            if going_on:
+                nxt = await stage.with_conn(
+                    q.ack_lane_and_read_next, lease, stage.owner, last_id=plan.last_id, attempt=attempt,
+                    keep_for=stage.lease_seconds, source_id=setup.sink.source_id, limit=limit)
+                ok = nxt is not None
+                if ok:
+                    return q.LaneLease(lease.sink_id, lease.lane, plan.last_id, 0, lease.reserved), nxt
+            else:
+                ok = await stage.with_conn(q.ack_lane, lease, stage.owner, last_id=plan.last_id, attempt=attempt)
+        elif attempt is None or attempt.delivered:
+            ok = await stage.with_conn(
+                q.advance_lane, lease, stage.owner, last_id=plan.last_id, attempt=attempt,
+                copies=plan.copies_on_success(), behind_keys=plan.behind_keys, unpark_keys=plan.unpark_keys)
+            if plan.behind:
+                self.group_wake.set()
+        else:
+            ok = await self._lane_failed(setup, lease, plan, attempt)
+        if not ok:
+            log.warning("sink %s: lease of lane %d was lost before its ack; another worker delivers it",
+                        setup.sink.name, lease.lane)
+        return None, None
+
+    async def _read_filled(self, setup: _SinkSetup, lease: q.LaneLease, limit: int,
+                           prefetched: list[q.QueuedMessage] | None = None) -> list[q.QueuedMessage]:
         """The next batch of the lane; a short one waits up to batch_timeout_ms to fill."""
         sink = setup.sink
-        limit = min(lease.reserved, sink.batch_size)  # the config may have changed since the lease
         read = self._reader(setup, lease)
-        messages = await read(lease.delivered_id, limit)
+        messages = prefetched if prefetched is not None else await read(lease.delivered_id, limit)
         if not messages or len(messages) >= limit or sink.batch_timeout_ms <= 0:
             return messages
         loop = asyncio.get_running_loop()

@@ -291,17 +291,47 @@ def _attempt_params(attempt: Attempt | None) -> dict[str, Any]:
             "response_body": attempt.response_body, "error": attempt.error, "delivered": attempt.delivered}
 
 
-async def ack_lane(conn: psycopg.AsyncConnection, lease: LaneLease, owner: str, *, last_id: int,
-                   attempt: Attempt) -> bool:
-    """The common success path of ``advance_lane``: nothing parked, nothing unparked."""
-    cur = await conn.execute(QUERIES["ack_lane"], {
+def _ack_params(lease: LaneLease, owner: str, last_id: int, attempt: Attempt, keep_for: float | None
+                ) -> dict[str, Any]:
+    return {
         "sink_id": lease.sink_id, "lane": lease.lane, "owner": owner, "after_id": lease.delivered_id,
+        "keep": keep_for is not None, "lease_seconds": keep_for or 0.0,
         "last_id": last_id, "attempt_ids": attempt.message_ids, "started_at": attempt.started_at,
         "duration_ms": attempt.duration_ms, "http_status": attempt.http_status,
         "response_body": attempt.response_body,
-    })
+    }
+
+
+async def ack_lane(conn: psycopg.AsyncConnection, lease: LaneLease, owner: str, *, last_id: int,
+                   attempt: Attempt, keep_for: float | None = None) -> bool:
+    """The common success path of ``advance_lane``: nothing parked, nothing unparked.
+
+    With ``keep_for`` (seconds) the lease and its reservation are kept, for the
+    lane's next batch; the caller then continues from ``last_id``.
+    """
+    cur = await conn.execute(QUERIES["ack_lane"], _ack_params(lease, owner, last_id, attempt, keep_for))
     row = await cur.fetchone()
     return bool(row and row[0])
+
+
+async def ack_lane_and_read_next(conn: psycopg.AsyncConnection, lease: LaneLease, owner: str, *, last_id: int,
+                                 attempt: Attempt, keep_for: float, source_id: UUID, limit: int
+                                 ) -> list[QueuedMessage] | None:
+    """Ack keeping the lease and read the next batch, in one round trip (pipeline).
+
+    Returns the next batch, or None when the lease was lost (nothing acked).
+    The read runs after the ack has committed, from the new cursor.
+    """
+    async with conn.pipeline():
+        ack = await conn.execute(QUERIES["ack_lane"], _ack_params(lease, owner, last_id, attempt, keep_for))
+        nxt = await conn.execute(QUERIES["read_lane_batch"], {
+            "sink_id": lease.sink_id, "source_id": source_id, "lane": lease.lane, "after_id": last_id,
+            "limit": limit,
+        })
+    row = await ack.fetchone()
+    if not (row and row[0]):
+        return None
+    return _messages(await nxt.fetchall())
 
 
 async def advance_lane(conn: psycopg.AsyncConnection, lease: LaneLease, owner: str, *, last_id: int,

@@ -101,11 +101,15 @@ set lease_owner = null, lease_expires = null,
 where sink_id = %(sink_id)s and lane = %(lane)s and lease_owner = %(owner)s
 
 -- name: ack_lane
--- The common success path: cursor past the batch + the attempt row, nothing else.
+-- The common success path: cursor past the batch + the attempt row, nothing
+-- else.  With keep, the worker goes on with the lane's next batch under the
+-- same lease and the same reservation (a full batch: more is waiting).
 with lane as (
     update pgsink.lanes
-    set delivered_id = %(last_id)s::bigint, failures = 0, retry_at = null, in_flight = 0,
-        last_error = null, lease_owner = null, lease_expires = null
+    set delivered_id = %(last_id)s::bigint, failures = 0, retry_at = null, last_error = null,
+        in_flight = case when %(keep)s then in_flight else 0 end,
+        lease_owner = case when %(keep)s then lease_owner end,
+        lease_expires = case when %(keep)s then now() + make_interval(secs => %(lease_seconds)s) end
     where sink_id = %(sink_id)s and lane = %(lane)s
       and lease_owner = %(owner)s and delivered_id = %(after_id)s::bigint
     returning sink_id, lane
