@@ -328,6 +328,23 @@ async def test_failing_group_does_not_delay_other_groups(
     assert await scalar(aconn, "select count(*) from pgsink.parked_messages") == 0
 
 
+async def test_without_grouping_a_failing_message_is_parked_alone(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    healed = asyncio.Event()
+    receiver.behavior = lambda req: 500 if "bad" in groups_in(req) and not healed.is_set() else 200
+    refs = await create_sink(aconn, receiver.url, batch_size=1, lane_count=2, message_grouping=False)
+    ids = await enqueue_changes(aconn, refs.sink_id, [Row({"g": "bad", "seq": 1}, "1")] +
+                                [Row({"g": f"o{i}", "seq": 1}, "1") for i in range(10)])
+    async with running(stage_for(fresh_db)):
+        await receiver.wait_until(lambda: len(receiver.delivered()) == 10, what="the other messages")
+        key = await scalar(aconn, "select group_key from pgsink.parked_groups")
+        assert key == f"pgsink:message:{ids[0]}"
+        healed.set()
+        await receiver.wait_until(lambda: len(receiver.delivered()) == 11, what="the parked message")
+        await wait_for(lambda: _no_parked_groups(aconn), what="its group to be dropped")
+    assert await scalar(aconn, "select count(*) from pgsink.messages where group_key is not null") == 0
+
+
 async def _no_parked_groups(conn: psycopg.AsyncConnection) -> bool:
     return await scalar(conn, "select count(*) from pgsink.parked_groups") == 0
 
