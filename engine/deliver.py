@@ -74,6 +74,12 @@ async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
         return False
 
 
+def _forget(tasks: dict[Any, asyncio.Task[None]], key: Any) -> None:
+    """Remove the current task from ``tasks``; not a newer task that took the same key."""
+    if tasks.get(key) is asyncio.current_task():
+        del tasks[key]
+
+
 def _jittered(seconds: float) -> float:
     return seconds * random.uniform(0.8, 1.2)
 
@@ -500,7 +506,7 @@ class _SinkRunner:
             log.warning("sink %s lane %d: state database error (%s); the batch will be retried",
                         self.setup.sink.name, lease.lane, e)
         finally:
-            self.lane_tasks.pop(lease.lane, None)
+            _forget(self.lane_tasks, lease.lane)
             self.lane_wake.set()
 
     async def _lane_batch(self, lease: q.LaneLease, prefetched: list[q.QueuedMessage] | None, *, keep: bool
@@ -628,21 +634,24 @@ class _SinkRunner:
         try:
             messages = await stage.with_conn(q.read_parked_batch, sink_id=sink.id, source_id=sink.source_id,
                                              group_key=lease.group_key,
-                                             limit=min(lease.reserved, sink.batch_size))
+                                             limit=min(lease.reserved, sink.batch_size), owner=stage.owner)
             broken = [m.id for m in messages if not m.renderable]
             if broken:
                 log.error("sink %s: parked messages %s have no change row (pruned?); discarded", sink.name, broken)
                 await stage.with_conn(q.discard_parked, sink.id, broken)
                 messages = [m for m in messages if m.renderable]
             if not messages:
-                if not await stage.with_conn(q.drop_drained_group, sink.id, lease.lane, lease.group_key):
+                if not await stage.with_conn(q.drop_drained_group, sink.id, lease.lane, lease.group_key,
+                                             stage.owner):
                     await stage.with_conn(q.release_parked_group, lease, stage.owner)
                 return
             attempt = await stage.post(setup, messages)
             if attempt.delivered:
-                await stage.with_conn(q.ack_parked, lease, stage.owner, attempt)
-                if len(messages) < min(lease.reserved, sink.batch_size):
-                    await stage.with_conn(q.drop_drained_group, sink.id, lease.lane, lease.group_key)
+                if not await stage.with_conn(q.ack_parked, lease, stage.owner, attempt):
+                    log.warning("sink %s: lease of parked group %r was lost before its ack",
+                                sink.name, lease.group_key)
+                elif len(messages) < min(lease.reserved, sink.batch_size):
+                    await stage.with_conn(q.drop_drained_group, sink.id, lease.lane, lease.group_key, None)
                 return
             delay, pending, moved_on = q.parked_outcome(
                 messages, group_attempts=lease.attempts, max_retry_count=sink.max_retry_count,
@@ -656,5 +665,5 @@ class _SinkRunner:
             log.warning("sink %s parked group %r: state database error (%s); will retry",
                         sink.name, lease.group_key, e)
         finally:
-            self.group_tasks.pop(lease.group_key, None)
+            _forget(self.group_tasks, lease.group_key)
             self.group_wake.set()

@@ -401,9 +401,10 @@ async def lease_parked_groups(conn: psycopg.AsyncConnection, *, sink_id: UUID, b
 
 
 async def read_parked_batch(conn: psycopg.AsyncConnection, *, sink_id: UUID, source_id: UUID,
-                            group_key: str, limit: int) -> list[QueuedMessage]:
+                            group_key: str, limit: int, owner: str) -> list[QueuedMessage]:
+    """The head of a parked group, in order; empty unless ``owner`` holds the group's lease."""
     cur = await conn.execute(QUERIES["read_parked_batch"], {
-        "sink_id": sink_id, "source_id": source_id, "group_key": group_key, "limit": limit,
+        "sink_id": sink_id, "source_id": source_id, "group_key": group_key, "limit": limit, "owner": owner,
     })
     return _messages(await cur.fetchall())
 
@@ -451,8 +452,14 @@ def parked_outcome(messages: Sequence[QueuedMessage], *, group_attempts: int, ma
     return backoff_delay(group_attempts + 1, base, cap, rng), len(messages), False
 
 
-async def drop_drained_group(conn: psycopg.AsyncConnection, sink_id: UUID, lane: int, group_key: str) -> bool:
+async def drop_drained_group(conn: psycopg.AsyncConnection, sink_id: UUID, lane: int, group_key: str,
+                             owner: str | None) -> bool:
     """Drop a parked group with no parked messages left; True if it was dropped.
+
+    ``owner``: the lease we hold on the group, or None after releasing it; a
+    group another retrier leased meanwhile is left to that retrier (deleting
+    it under them would let the lane re-create it and a third party lease it
+    while they still deliver).
 
     First a share lock on the lane row, in its own statement: it waits for an
     ack of the lane in progress, so the delete's fresh snapshot sees any
@@ -461,7 +468,8 @@ async def drop_drained_group(conn: psycopg.AsyncConnection, sink_id: UUID, lane:
     """
     async with conn.transaction():
         await conn.execute(QUERIES["lock_lane_shared"], {"sink_id": sink_id, "lane": lane})
-        cur = await conn.execute(QUERIES["drop_drained_group"], {"sink_id": sink_id, "group_key": group_key})
+        cur = await conn.execute(QUERIES["drop_drained_group"],
+                                 {"sink_id": sink_id, "group_key": group_key, "owner": owner})
         return cur.rowcount > 0
 
 

@@ -179,6 +179,7 @@ unparked as (
     delete from pgsink.parked_groups g
     using lane
     where g.sink_id = lane.sink_id and g.group_key = any(%(unpark_keys)s::text[])
+      and (g.lease_owner is null or g.lease_expires < now())  -- a retrier holding it drops it itself
       and not exists (select 1 from pgsink.parked_messages pm
                       where pm.sink_id = g.sink_id and pm.group_key = g.group_key and pm.state = 'parked')
 )
@@ -263,6 +264,8 @@ from (
            pm.payload, pm.attempts
     from pgsink.parked_messages pm
     where pm.sink_id = %(sink_id)s and pm.group_key = %(group_key)s and pm.state = 'parked'
+      and exists (select 1 from pgsink.parked_groups g  -- fenced: only while we hold the group
+                  where g.sink_id = pm.sink_id and g.group_key = pm.group_key and g.lease_owner = %(owner)s)
     order by pm.id
     limit %(limit)s
 ) b
@@ -340,8 +343,11 @@ where sink_id = %(sink_id)s and id = any(%(ids)s::bigint[]) and state = 'parked'
 select 1 from pgsink.lanes where sink_id = %(sink_id)s and lane = %(lane)s for share
 
 -- name: drop_drained_group
+-- Only a group we hold (owner), or nobody holds (owner null): never one that
+-- another retrier leased meanwhile and is about to read.
 delete from pgsink.parked_groups g
 where g.sink_id = %(sink_id)s and g.group_key = %(group_key)s
+  and (g.lease_owner is not distinct from %(owner)s::text or g.lease_expires < now())
   and not exists (select 1 from pgsink.parked_messages pm
                   where pm.sink_id = g.sink_id and pm.group_key = g.group_key and pm.state = 'parked')
 

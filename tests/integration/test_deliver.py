@@ -192,7 +192,7 @@ async def test_group_order_holds_across_two_worker_processes_with_random_failure
     groups = [f"g{i}" for i in range(30)]
     for seq in range(1, 4):
         await enqueue_changes(aconn, refs.sink_id, seq_rows(groups, seq))
-    opts = dict(FAST, backoff_base=0.02, backoff_cap=0.2)
+    opts = dict(FAST, backoff_base=0.02, backoff_cap=0.2, max_lanes_per_sink=4)  # 8 lanes: both must work
     owners: set[str] = set()
     procs = [await spawn_worker(fresh_db, f"proc{i}", **opts) for i in range(2)]
     sampler = asyncio.create_task(_sample_lease_owners(fresh_db, owners))

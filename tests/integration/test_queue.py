@@ -186,18 +186,20 @@ async def test_park_then_park_behind_then_retry_then_unpark(aconn: psycopg.Async
     [g] = await q.lease_parked_groups(aconn, sink_id=sid, batch_size=10, max_ack_pending=100, owner="r1",
                                       max_groups=8, lease_seconds=30)
     assert (g.group_key, g.attempts, g.reserved) == ("bad", 3, 10)
-    msgs = await q.read_parked_batch(aconn, sink_id=sid, source_id=refs.source_id, group_key="bad", limit=1)
+    msgs = await q.read_parked_batch(aconn, sink_id=sid, source_id=refs.source_id, group_key="bad", limit=1,
+                                     owner="r1")
     assert [m.id for m in msgs] == [first[0]]
     assert await q.fail_parked(aconn, g, "r1", failed_attempt([first[0]]), delay=0, in_flight=1,
                                max_retry_count=None, moved_on=False)
     assert await scalar(aconn, "select attempts from pgsink.parked_messages where id = %s", first[0]) == 4
     [g] = await q.lease_parked_groups(aconn, sink_id=sid, batch_size=10, max_ack_pending=100, owner="r1",
                                       max_groups=8, lease_seconds=30)
-    msgs = await q.read_parked_batch(aconn, sink_id=sid, source_id=refs.source_id, group_key="bad", limit=10)
+    msgs = await q.read_parked_batch(aconn, sink_id=sid, source_id=refs.source_id, group_key="bad", limit=10,
+                                     owner="r1")
     assert [m.id for m in msgs] == [first[0], later[0]]
     assert await q.ack_parked(aconn, g, "r1", ok_attempt([m.id for m in msgs]))
     assert await scalar(aconn, "select count(*) from pgsink.parked_messages") == 0
-    assert await q.drop_drained_group(aconn, sid, 0, "bad")
+    assert await q.drop_drained_group(aconn, sid, 0, "bad", None)
     # with the group gone, its next message is delivered by the lane again
     last = await enqueue_changes(aconn, sid, rows(["bad"]))
     [ls] = await lease(aconn, refs)
@@ -238,7 +240,7 @@ async def test_dropping_a_drained_group_waits_for_a_lane_ack_in_progress(
         async with acker.transaction():
             assert await q.advance_lane(acker, ls, "w1", last_id=plan.last_id, attempt=None,
                                         copies=plan.copies_on_success(), behind_keys=plan.behind_keys)
-            drop = asyncio.create_task(q.drop_drained_group(dropper, sid, 0, "g"))
+            drop = asyncio.create_task(q.drop_drained_group(dropper, sid, 0, "g", None))
             pid = dropper.info.backend_pid
 
             async def dropper_waits() -> bool:
@@ -253,6 +255,35 @@ async def test_dropping_a_drained_group_waits_for_a_lane_ack_in_progress(
     assert await scalar(aconn, "select count(*) from pgsink.parked_messages where group_key = 'g'") == 1
 
 
+async def test_a_group_another_retrier_holds_is_neither_dropped_nor_read(aconn: psycopg.AsyncConnection) -> None:
+    """The race two workers hit: retrier A drops a drained group just after retrier B leased it;
+    the lane re-creates it with new messages, C leases it, and B and C both deliver them."""
+    refs = await setup_sink(aconn, lane_count=1, batch_size=10)
+    sid = refs.sink_id
+    await aconn.execute("insert into pgsink.parked_groups (sink_id, group_key, lane) values (%s, 'g', 0)", (sid,))
+    [b] = await q.lease_parked_groups(aconn, sink_id=sid, batch_size=10, max_ack_pending=100, owner="B",
+                                      max_groups=8, lease_seconds=30)
+    assert not await q.drop_drained_group(aconn, sid, 0, "g", None)  # A, after releasing its own lease
+    assert not await q.drop_drained_group(aconn, sid, 0, "g", "C")
+    # the lane finds it drained, but leaves it to its holder
+    ids = await enqueue_changes(aconn, sid, rows(["g"]))
+    [ls] = await lease(aconn, refs)
+    plan = q.plan_batch(await read(aconn, refs, ls))
+    assert plan.unpark_keys == ["g"]
+    assert await q.advance_lane(aconn, ls, "w1", last_id=ids[-1], attempt=ok_attempt(ids), unpark_keys=["g"])
+    assert await scalar(aconn, "select lease_owner from pgsink.parked_groups where group_key = 'g'") == "B"
+    # only the holder reads a group's messages
+    await aconn.execute(
+        "insert into pgsink.parked_messages (sink_id, id, lane, group_key, action, commit_lsn, commit_idx,"
+        " committed_at) values (%s, 0, 0, 'g', 'insert', 1, 0, now())", (sid,))
+    read_as = lambda owner: q.read_parked_batch(  # noqa: E731
+        aconn, sink_id=sid, source_id=refs.source_id, group_key="g", limit=10, owner=owner)
+    assert await read_as("C") == []
+    assert [m.id for m in await read_as("B")] == [0]
+    await aconn.execute("delete from pgsink.parked_messages")
+    assert await q.drop_drained_group(aconn, sid, 0, "g", "B") and b.group_key == "g"
+
+
 async def test_max_retry_count_discards_parked_messages(aconn: psycopg.AsyncConnection) -> None:
     refs = await setup_sink(aconn, lane_count=1, batch_size=10)
     sid = refs.sink_id
@@ -263,7 +294,8 @@ async def test_max_retry_count_discards_parked_messages(aconn: psycopg.AsyncConn
                                 park=[q.ParkGroup("x", 3, 0.0, 2)])
     [g] = await q.lease_parked_groups(aconn, sink_id=sid, batch_size=1, max_ack_pending=100, owner="r",
                                       max_groups=1, lease_seconds=30)
-    msgs = await q.read_parked_batch(aconn, sink_id=sid, source_id=refs.source_id, group_key="x", limit=1)
+    msgs = await q.read_parked_batch(aconn, sink_id=sid, source_id=refs.source_id, group_key="x", limit=1,
+                                     owner="r")
     delay, pending, moved_on = q.parked_outcome(msgs, group_attempts=g.attempts, max_retry_count=3, base=1, cap=1)
     assert (delay, pending, moved_on) == (0.0, 0, True)
     assert await q.fail_parked(aconn, g, "r", failed_attempt([ids[0]]), delay=delay, in_flight=pending,
