@@ -515,8 +515,8 @@ class _SinkRunner:
         setup = self.setup
         stage = self.stage
         limit = min(lease.reserved, setup.sink.batch_size)
-        messages = await self._read_filled(setup, lease, limit, prefetched)
-        if not messages:
+        messages = [] if self.halted else await self._read_filled(setup, lease, limit, prefetched)
+        if not messages:  # nothing to do, or stopping: give the lane back
             await stage.with_conn(q.release_lane, lease, stage.owner)
             return None, None
         plan = q.plan_batch(messages)
