@@ -53,7 +53,8 @@ ANNOTATIONS_PREFIX = "pgsink:annotations"
 @dataclass
 class ReaderSettings:
     flush_changes: int = 5000         # flush when this many changes are buffered
-    flush_interval: float = 0.01      # ... or when the oldest is this many seconds old
+    flush_interval: float = 0.025     # ... or when the oldest is this many seconds old
+    idle_gap: float = 0.002           # ... or when the server sent nothing for this long
     status_interval: float = 10.0     # standby status update at least this often
     standby_poll: float = 1.0         # how often a standby tries to take over
     reconnect_min: float = 0.5
@@ -66,6 +67,7 @@ class _Tx:
     commit_lsn: int
     committed_at: Any
     xid: int
+    committed_text: bytes
     next_idx: int = 0
     kept: int = 0
     annotations: bytes | None = None
@@ -79,7 +81,10 @@ class SourceReader:
         self.source = source
         self.settings = settings or ReaderSettings()
         self.sinks: list[model.Sink] = []
+        # (table oid, action) -> the sinks its changes go to; rebuilt on config or relation changes
+        self._routes: dict[tuple[int, str], list[model.Sink]] = {}
         self.is_leader = asyncio.Event()
+        self._flusher: Flusher
         self._stop = asyncio.Event()
         self._log_extra = {"source": source.name}
 
@@ -156,21 +161,29 @@ class SourceReader:
             description=f"source {self.source.name!r}",
         )
         loop = asyncio.get_running_loop()
+        flusher = self._flusher = Flusher(buffer, stream, state)
         try:
             tx: _Tx | None = None
             last_status = loop.time()
             last_config = loop.time()
             server_pos = ack_lsn
+            since_yield = 0
             while not self.stopping:
-                timeout = self.settings.flush_interval if buffer.dirty else 1.0
-                raw = await stream.read(timeout)
+                # Drain what the server sends; flush when it pauses (idle_gap), when the
+                # buffer is full, or when its oldest change waited flush_interval.
+                raw = stream.read_nowait()
+                if raw is None and buffer.dirty:
+                    # a short gap is not the end of a burst: give the server a moment
+                    wait = min(self.settings.idle_gap, self.settings.flush_interval - buffer.age())
+                    raw = await stream.read(wait) if wait > 0 else None
+                    if raw is None:
+                        await flusher.submit()
+                        last_status = loop.time()
+                elif raw is None:
+                    raw = await stream.read(1.0)
                 if raw is not None:
                     frame = parse_copy_data(raw)
-                    if isinstance(frame, Keepalive):
-                        server_pos = max(server_pos, frame.wal_end)
-                        if frame.reply_requested:
-                            last_status = -1e9  # answer at once, below
-                    elif isinstance(frame, XLogData):
+                    if isinstance(frame, XLogData):
                         events = decoder.feed(frame.payload)
                         while True:
                             for event in events:
@@ -178,11 +191,20 @@ class SourceReader:
                             if not decoder.pending:
                                 break
                             events = decoder.resume()  # the types it paused for are loaded now
-                if buffer.dirty and (len(buffer.changes) >= self.settings.flush_changes
-                                     or buffer.age() >= self.settings.flush_interval):
-                    await buffer.flush(state)
-                    await stream.send(standby_status_update(buffer.ack_lsn, buffer.ack_lsn, buffer.ack_lsn))
-                    last_status = loop.time()
+                    elif isinstance(frame, Keepalive):
+                        server_pos = max(server_pos, frame.wal_end)
+                        if frame.reply_requested:
+                            last_status = -1e9  # answer at once, below
+                    if buffer.dirty and (len(buffer.changes) >= self.settings.flush_changes
+                                         or buffer.age() >= self.settings.flush_interval):
+                        await flusher.submit()
+                        last_status = loop.time()
+                    since_yield += 1
+                    if since_yield >= 500:  # let other stages of this process run
+                        since_yield = 0
+                        await asyncio.sleep(0)
+                if flusher.done:
+                    await flusher.settle()
                 now = loop.time()
                 if now - last_status >= self.settings.status_interval:
                     # Idle: nothing buffered and no transaction open, so everything the server
@@ -192,12 +214,14 @@ class SourceReader:
                     await stream.send(standby_status_update(buffer.ack_lsn, buffer.ack_lsn, buffer.ack_lsn))
                     last_status = now
                 if now - last_config >= self.settings.config_poll:
+                    await flusher.settle()
                     await self._reload_sinks(state)
                     last_config = now
-            if buffer.dirty and tx is None:
-                await buffer.flush(state)
-                await stream.send(standby_status_update(buffer.ack_lsn, buffer.ack_lsn, buffer.ack_lsn))
+            if buffer.dirty:
+                await flusher.submit()
+            await flusher.settle()
         finally:
+            flusher.cancel()
             await stream.close()
             await source_conn.close()
 
@@ -214,10 +238,10 @@ class SourceReader:
             tx.kept += 1
             await self._add_change(event, tx, idx, buffer, state)
             if len(buffer.changes) >= self.settings.flush_changes:
-                await buffer.flush(state)  # a chunk of a large transaction; no ack past its commit
+                await self._flusher.submit()  # a chunk of a large transaction; no ack past its commit
             return tx
         if isinstance(event, TxBegin):
-            return _Tx(event.commit_lsn, event.committed_at, event.xid)
+            return _Tx(event.commit_lsn, event.committed_at, event.xid, event.committed_at.isoformat().encode())
         if isinstance(event, TxCommit):
             partial = buffer.checkpoint.commit_lsn == event.commit_lsn and buffer.checkpoint.commit_idx != TX_COMPLETE
             if tx is not None and (tx.kept or partial):
@@ -227,6 +251,7 @@ class SourceReader:
             return None
         if isinstance(event, RelationSeen):
             await types.load(source_conn, event.type_oids)
+            self._routes.clear()  # the table may have been renamed
             return tx
         if isinstance(event, LogicalMessage):
             if tx is not None and event.transactional and event.prefix == ANNOTATIONS_PREFIX:
@@ -246,13 +271,14 @@ class SourceReader:
         record_pk = record_key(change.record, pk) if pk else None
         if change.unchanged_toast:
             await self._fill_toast(change, record_pk, buffer, state)
-        messages: list[tuple[model.Sink, str | None]] = []
-        for sink in self.sinks:
-            if change.action not in sink.actions or not sink.matches_table(change.schema, change.table):
-                continue
-            messages.append((sink, self._group_key(sink, change, record_pk)))
-        buffer.add(PendingChange(tx.commit_lsn, idx, tx.xid, tx.committed_at, change, record_pk,
-                                 tx.annotations, messages))
+        route = (change.table_oid, change.action)
+        sinks = self._routes.get(route)
+        if sinks is None:
+            sinks = self._routes[route] = [
+                s for s in self.sinks if change.action in s.actions and s.matches_table(change.schema, change.table)]
+        messages = [(sink, self._group_key(sink, change, record_pk)) for sink in sinks]
+        buffer.add(PendingChange(tx.commit_lsn, idx, tx.xid, tx.committed_at, tx.committed_text, change,
+                                 record_pk, tx.annotations, messages))
 
     @staticmethod
     def _group_key(sink: model.Sink, change: RowChange, record_pk: str | None) -> str | None:
@@ -275,6 +301,7 @@ class SourceReader:
                 previous = pending.change.record
                 break
         if previous is None and record_pk is not None:
+            await self._flusher.settle()  # the row's last version may be in the batch being written
             cur = await state.execute(QUERIES["last_retained_record"], (self.source.id, change.table_oid, record_pk))
             row = await cur.fetchone()
             previous = orjson.loads(row[0]) if row else None
@@ -291,7 +318,10 @@ class SourceReader:
 
     async def _reload_sinks(self, state: psycopg.AsyncConnection) -> None:
         config = await model.load_config(state)
-        self.sinks = [s for s in config.sinks_of(self.source.id) if s.status != "disabled"]
+        sinks = [s for s in config.sinks_of(self.source.id) if s.status != "disabled"]
+        if sinks != self.sinks:
+            self.sinks = sinks
+            self._routes.clear()
 
 
 # The value formats the decoders parse fastest and exactly (values.py relies on them).
@@ -306,6 +336,42 @@ def _annotations(content: bytes, source_name: str) -> bytes | None:
         log.warning("source %s: transaction annotations are not JSON; ignored: %r", source_name, content[:200])
         return None
     return orjson.dumps(value)
+
+
+class Flusher:
+    """Writes batches in the background so decoding overlaps the capture transaction.
+
+    At most one batch is in flight; the slot is acknowledged only after its
+    transaction committed (invariant 1). The state connection is shared, so
+    anything else that uses it first waits for the batch in flight (settle()).
+    """
+
+    def __init__(self, buffer: IngestBuffer, stream: Any, state: psycopg.AsyncConnection) -> None:
+        self.buffer, self.stream, self.state = buffer, stream, state
+        self._task: asyncio.Task[int] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    async def submit(self) -> None:
+        """Start writing what is buffered (after the previous batch is durable and acknowledged)."""
+        await self.settle()
+        if self.buffer.dirty:
+            batch = self.buffer.detach()
+            self._task = asyncio.create_task(self.buffer.write(batch, self.state), name="capture-write")
+
+    async def settle(self) -> None:
+        """Wait for the batch in flight; then acknowledge its position to the slot."""
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        ack = await task
+        await self.stream.send(standby_status_update(ack, ack, ack))
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class _StateSession:

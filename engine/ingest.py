@@ -16,6 +16,7 @@ ingest). ``ack_lsn`` only ever moves to the end of a *complete* transaction.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -50,20 +51,19 @@ class PendingChange:
     commit_idx: int
     xid: int
     committed_at: datetime
+    committed_text: bytes  # committed_at as COPY text, computed once per transaction
     change: RowChange
     record_pk: str | None
     annotations: bytes | None
     messages: list[tuple[Sink, str | None]]  # (sink, group key)
 
 
-def json_text(value: Any) -> str:
-    return dumps(value).decode()
-
-
 def key_text(value: Any) -> str:
     """A column value as text for group keys: strings as is, the rest as JSON."""
-    if isinstance(value, str):
+    if type(value) is str:
         return value
+    if type(value) is int:
+        return str(value)
     if isinstance(value, RawJson):
         return value.text
     return dumps(value).decode()
@@ -71,6 +71,16 @@ def key_text(value: Any) -> str:
 
 def record_key(record: dict[str, Any], columns: Iterable[str]) -> str:
     return ",".join(key_text(record.get(c)) for c in columns)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Changes to write in one capture transaction, and where they move the checkpoint."""
+
+    changes: list[PendingChange]
+    previous: Position    # the checkpoint the transaction expects to find (the fence)
+    checkpoint: Position  # the checkpoint it writes
+    ack_lsn: int          # what may be acknowledged to the slot once it committed
 
 
 @dataclass
@@ -87,6 +97,8 @@ class IngestBuffer:
     first_buffered_at: float = 0.0
     _partition_days: set[str] = field(default_factory=set)
     _message_id_limit: int = 0
+    _ids_estimate: int = 0
+    _round_robin: int = 0
 
     def add(self, change: PendingChange) -> None:
         if not self.changes:
@@ -119,87 +131,125 @@ class IngestBuffer:
             last, ack = max(last, self.completed), max(ack, self.completed_end_lsn)
         return max(last, self.checkpoint), ack
 
-    async def flush(self, conn: psycopg.AsyncConnection) -> int:
-        """Write the buffer in one transaction; returns the LSN now safe to acknowledge."""
-        if not self.dirty:
-            return self.ack_lsn
+    def detach(self) -> Batch:
+        """Take what is buffered as a batch to write; the buffer carries on from its end.
+
+        The buffer's checkpoint moves ahead optimistically; if writing the batch
+        fails, the reader starts over from the checkpoint stored in Postgres.
+        """
         new_checkpoint, new_ack = self.next_checkpoint()
-        n_messages = sum(len(c.messages) for c in self.changes)
-        await self._ensure_partitions(conn, n_messages)
-        sink_ids = sorted({str(s.id) for c in self.changes for s, _ in c.messages})
-        async with conn.transaction():
-            if sink_ids:
-                await conn.execute(QUERIES["enqueue_lock"], (sink_ids,))
-            await self._check_fence(conn)
-            if self.changes:
-                await self._copy_changes(conn)
-            if n_messages:
-                await self._copy_messages(conn, n_messages)
-            await conn.execute(QUERIES["checkpoint_set"], (
-                new_checkpoint.commit_lsn, new_checkpoint.commit_idx, new_ack, self.source_id))
-            if sink_ids:
-                await conn.execute(QUERIES["notify_sinks"], (sink_ids,))
-        log.debug("flushed %d changes, %d messages; checkpoint %s", len(self.changes), n_messages,
-                  new_checkpoint, extra={"source": str(self.source_id)})
+        batch = Batch(self.changes, self.checkpoint, new_checkpoint, new_ack)
         self.checkpoint, self.ack_lsn = new_checkpoint, new_ack
         self.changes = []
         self.completed = None
-        return new_ack
+        return batch
 
-    async def _check_fence(self, conn: psycopg.AsyncConnection) -> None:
-        """Refuse to write if another reader moved the checkpoint (we lost leadership)."""
-        cur = await conn.execute(QUERIES["checkpoint_lock"], (self.source_id,))
-        row = await cur.fetchone()
-        stored = Position(row[0], row[1]) if row else None
-        if stored != self.checkpoint:
-            raise LeadershipLost(
-                f"checkpoint of source {self.source_id} moved to {stored} under us (expected "
-                f"{self.checkpoint}): another reader is active"
-            )
+    async def write(self, batch: Batch, conn: psycopg.AsyncConnection) -> int:
+        """The capture transaction for one batch; returns the LSN now safe to acknowledge."""
+        n_messages = sum(len(c.messages) for c in batch.changes)
+        await self._ensure_partitions(conn, batch.changes, n_messages)
+        sink_ids = sorted({str(s.id) for c in batch.changes for s, _ in c.messages})
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(QUERIES["capture_begin"], (
+                    self.source_id, sink_ids, batch.previous.commit_lsn, batch.previous.commit_idx))
+                if not (await cur.fetchone())[0]:  # type: ignore[index]
+                    raise LeadershipLost(f"checkpoint of source {self.source_id} moved under us: "
+                                         "another reader is active")
+                if batch.changes:
+                    async with conn.cursor() as c, c.copy(QUERIES["copy_changes"]) as copy:
+                        await copy.write(self._changes_copy_data(batch.changes))
+                if n_messages:
+                    async with conn.cursor() as c, c.copy(QUERIES["copy_messages"]) as copy:
+                        await copy.write(self._messages_copy_data(batch.changes))
+                await conn.execute(QUERIES["capture_finish"], (
+                    batch.checkpoint.commit_lsn, batch.checkpoint.commit_idx, batch.ack_lsn,
+                    self.source_id, sink_ids))
+        except psycopg.errors.CheckViolation:
+            self._message_id_limit = 0  # another writer used up the ids we thought free: re-check
+            raise
+        log.debug("wrote %d changes, %d messages; checkpoint %s", len(batch.changes), n_messages,
+                  batch.checkpoint, extra={"source": str(self.source_id)})
+        return batch.ack_lsn
 
-    async def _copy_changes(self, conn: psycopg.AsyncConnection) -> None:
-        source_id = self.source_id
-        async with conn.cursor() as cur, cur.copy(QUERIES["copy_changes"]) as copy:
-            for c in self.changes:
-                ch = c.change
-                await copy.write_row((
-                    source_id, c.commit_lsn, c.commit_idx, c.xid, c.committed_at, ch.table_oid,
-                    ch.schema, ch.table, ch.action, c.record_pk, json_text(ch.record),
-                    json_text(ch.changes) if ch.changes is not None else None,
-                    c.annotations.decode() if c.annotations is not None else None,
-                ))
+    def _changes_copy_data(self, changes: list[PendingChange]) -> bytes:
+        """pgsink.changes rows in COPY text format, built in bulk (much faster than per-row calls)."""
+        source_id = str(self.source_id).encode()
+        lines = []
+        for c in changes:
+            ch = c.change
+            lines.append(b"%s\t%d\t%d\t%d\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" % (
+                source_id, c.commit_lsn, c.commit_idx, c.xid, c.committed_text,
+                ch.table_oid, _name(ch.schema), _name(ch.table), _name(ch.action), _text(c.record_pk),
+                _json(ch.record), _json(ch.changes), _json_bytes(c.annotations)))
+        return b"".join(lines)
 
-    async def _copy_messages(self, conn: psycopg.AsyncConnection, n: int) -> None:
-        cur = await conn.execute(QUERIES["message_ids"], (n,))
-        ids = iter([r[0] for r in await cur.fetchall()])
-        async with conn.cursor() as cur, cur.copy(QUERIES["copy_messages"]) as copy:
-            for c in self.changes:
-                for sink, group_key in c.messages:
-                    mid = next(ids)
-                    lane = lane_for(group_key, sink.lane_count) if group_key is not None else mid % sink.lane_count
-                    await copy.write_row((mid, sink.id, lane, group_key, c.change.action,
-                                          c.commit_lsn, c.commit_idx, c.committed_at))
+    def _messages_copy_data(self, changes: list[PendingChange]) -> bytes:
+        lines = []
+        for c in changes:
+            if not c.messages:
+                continue
+            tail = b"%s\t%d\t%d\t%s\n" % (_name(c.change.action), c.commit_lsn, c.commit_idx, c.committed_text)
+            for sink, group_key in c.messages:
+                if group_key is not None:
+                    lane = lane_for(group_key, sink.lane_count)
+                else:  # no ordering wanted: spread over the lanes
+                    lane, self._round_robin = self._round_robin % sink.lane_count, self._round_robin + 1
+                lines.append(b"%s\t%d\t%s\t%s" % (_name(str(sink.id)), lane, _text(group_key), tail))
+        return b"".join(lines)
 
-    async def _ensure_partitions(self, conn: psycopg.AsyncConnection, n_messages: int) -> None:
-        """Create day partitions of changes and id partitions of messages before writing."""
-        days = {c.committed_at.strftime("%Y%m%d") for c in self.changes} - self._partition_days
-        need_ids = False
-        high = 0
-        if n_messages:
-            cur = await conn.execute(QUERIES["message_id_high"])
-            high = (await cur.fetchone())[0]  # type: ignore[index]
-            need_ids = high + n_messages >= self._message_id_limit
+    async def _ensure_partitions(self, conn: psycopg.AsyncConnection, changes: list[PendingChange],
+                                 n_messages: int) -> None:
+        """Create day partitions of changes and id partitions of messages before writing.
+
+        Keeps one spare id partition ahead; the id high-water mark is read only
+        when our own estimate says the spare may be getting used.
+        """
+        days = {c.committed_at.strftime("%Y%m%d") for c in changes} - self._partition_days
+        self._ids_estimate += n_messages
+        need_ids = n_messages > 0 and self._ids_estimate + MESSAGE_PARTITION_SPAN >= self._message_id_limit
         if not days and not need_ids:
             return
-        stamps = [c.committed_at for c in self.changes]
-        upto = high + max(n_messages, MESSAGE_PARTITION_SPAN) if need_ids else None
+        high = None
+        if need_ids:
+            cur = await conn.execute(QUERIES["message_id_high"])
+            high = (await cur.fetchone())[0]  # type: ignore[index]
+            self._ids_estimate = high + n_messages
+        upto = high + n_messages + MESSAGE_PARTITION_SPAN if high is not None else None
+        stamps = [c.committed_at for c in changes]
         async with conn.transaction():
             await conn.execute(QUERIES["ensure_partitions"], (
-                min(stamps) if days else None, max(stamps) if days else None,
-                high if need_ids else None, upto))
+                min(stamps) if days else None, max(stamps) if days else None, high, upto))
         self._partition_days |= days
         if upto is not None:
             self._message_id_limit = (upto // MESSAGE_PARTITION_SPAN + 1) * MESSAGE_PARTITION_SPAN
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _name(value: str) -> bytes:
+    """Schema, table, action and sink ids repeat: escape each once."""
+    return _text(value)
+
+
+def _text(value: str | None) -> bytes:
+    """A text field in COPY text format (NULL is \\N)."""
+    if value is None:
+        return b"\\N"
+    return value.translate(_COPY_ESCAPES).encode()
+
+
+def _json(value: Any) -> bytes:
+    return b"\\N" if value is None else _json_bytes(dumps(value))
+
+
+def _json_bytes(text: bytes | None) -> bytes:
+    """JSON from orjson has no raw control characters; only backslashes need escaping."""
+    if text is None:
+        return b"\\N"
+    return text.replace(b"\\", b"\\\\")
 
 
 class LeadershipLost(RuntimeError):

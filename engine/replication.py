@@ -74,6 +74,18 @@ class ReplicationStream:
             msg = (res.error_message.decode(errors="replace").strip() if res is not None else "no result")
             raise SourceError(f"{self._description}: START_REPLICATION failed: {msg}")
 
+    def read_nowait(self) -> bytes | None:
+        """The next CopyData message if one is already here (buffered or in the socket), else None."""
+        nbytes, data = self._pg.get_copy_data(1)
+        if nbytes == 0:
+            self._consume()
+            nbytes, data = self._pg.get_copy_data(1)
+        if nbytes > 0:
+            return bytes(data)
+        if nbytes < 0:
+            raise StreamClosed(f"{self._description}: replication stream ended: {self._error_text()}")
+        return None
+
     async def read(self, timeout: float) -> bytes | None:
         """The next CopyData message, or None when nothing arrived within timeout."""
         deadline = self._loop.time() + timeout

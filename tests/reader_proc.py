@@ -26,23 +26,24 @@ def _kill_self() -> None:
 
 def install_fault(mode: str) -> None:
     if mode == "crash-after-commit":
-        original = ingest.IngestBuffer.flush
+        original = ingest.IngestBuffer.write
 
-        async def flush_then_die(self: ingest.IngestBuffer, conn: object) -> int:
-            ack = await original(self, conn)  # type: ignore[arg-type]
-            if self.checkpoint.commit_lsn:
-                _kill_self()
+        async def write_then_die(self: ingest.IngestBuffer, batch: ingest.Batch, conn: object) -> int:
+            ack = await original(self, batch, conn)  # type: ignore[arg-type]
+            if batch.changes:
+                _kill_self()  # committed, not yet acknowledged to the slot
             return ack
 
-        ingest.IngestBuffer.flush = flush_then_die  # type: ignore[method-assign]
+        ingest.IngestBuffer.write = write_then_die  # type: ignore[method-assign]
     elif mode == "crash-before-commit":
-        original_copy = ingest.IngestBuffer._copy_messages
+        original_data = ingest.IngestBuffer._messages_copy_data
 
-        async def copy_then_die(self: ingest.IngestBuffer, conn: object, n: int) -> None:
-            await original_copy(self, conn, n)  # type: ignore[arg-type]
-            _kill_self()
+        def data_then_die(self: ingest.IngestBuffer, changes: list[ingest.PendingChange]) -> bytes:
+            original_data(self, changes)
+            _kill_self()  # inside the capture transaction, after the changes were copied
+            return b""
 
-        ingest.IngestBuffer._copy_messages = copy_then_die  # type: ignore[method-assign]
+        ingest.IngestBuffer._messages_copy_data = data_then_die  # type: ignore[method-assign]
 
 
 async def main(dsn: str, source_name: str, mode: str, flush_changes: int) -> None:

@@ -107,7 +107,6 @@ create table pgsink.changes (
     primary key (committed_at, source_id, commit_lsn, commit_idx)
 ) partition by range (committed_at);
 
-create index changes_position on pgsink.changes (source_id, commit_lsn, commit_idx);
 create index changes_row on pgsink.changes (source_id, source_table_oid, record_pk, commit_lsn desc);
 
 -- ---------------------------------------------------------------- queue
@@ -119,7 +118,7 @@ create sequence pgsink.message_id_seq as bigint;
 -- lane and a lane's cursor delivers its groups in order.  Partitioned by id
 -- range so that delivered history is dropped a partition at a time.
 create table pgsink.messages (
-    id            bigint not null,
+    id            bigint not null default nextval('pgsink.message_id_seq'),
     sink_id       uuid not null,
     lane          smallint not null,
     group_key     text,            -- null when message_grouping is off
@@ -162,6 +161,8 @@ create table pgsink.parked_groups (
     parked_at        timestamptz not null default now(),
     primary key (sink_id, group_key)
 );
+
+create index parked_groups_due on pgsink.parked_groups (sink_id, next_attempt_at);
 
 -- Copies of parked messages, in order; discarded ones are kept, replayable.
 create table pgsink.parked_messages (
@@ -247,6 +248,24 @@ language sql
 as $$
     select count(pg_advisory_xact_lock(hashtext('pgsink.enqueue'), hashtext(s::text)))
     from (select distinct unnest(p_sink_ids) as s order by 1) ids
+$$;
+
+-- The start of a capture transaction, in one round trip: take the enqueue
+-- locks of the sinks it writes to, then check that the source's checkpoint is
+-- still where this reader left it (a fence: if another reader wrote since,
+-- this one lost leadership and must not write).  Returns false on a mismatch.
+create function pgsink.capture_begin(
+    p_source_id uuid, p_sink_ids uuid[], p_commit_lsn bigint, p_commit_idx integer)
+returns boolean
+language plpgsql
+as $$
+begin
+    perform pgsink.lock_sinks_for_enqueue(p_sink_ids);
+    return exists (
+        select 1 from pgsink.source_checkpoints
+        where source_id = p_source_id and commit_lsn = p_commit_lsn and commit_idx = p_commit_idx
+        for update);
+end
 $$;
 
 -- Make sure the partitions exist for changes committed in [p_from, p_to]

@@ -3,39 +3,16 @@
 -- name: reader_try_lead
 select pg_try_advisory_lock(hashtext('pgsink.reader'), hashtext(%s::text))
 
--- name: reader_unlead
-select pg_advisory_unlock(hashtext('pgsink.reader'), hashtext(%s::text))
-
 -- name: checkpoint_get
 insert into pgsink.source_checkpoints (source_id) values (%s)
 on conflict (source_id) do update set source_id = excluded.source_id
 returning commit_lsn, commit_idx, ack_lsn
-
--- name: checkpoint_lock
-select commit_lsn, commit_idx, ack_lsn
-from pgsink.source_checkpoints
-where source_id = %s
-for update
-
--- name: checkpoint_set
-update pgsink.source_checkpoints
-set commit_lsn = %s, commit_idx = %s, ack_lsn = %s, updated_at = now()
-where source_id = %s
-
--- name: enqueue_lock
-select pgsink.lock_sinks_for_enqueue(%s::uuid[])
-
--- name: message_ids
-select nextval('pgsink.message_id_seq') from generate_series(1, %s)
 
 -- name: message_id_high
 select last_value from pgsink.message_id_seq
 
 -- name: ensure_partitions
 select pgsink.ensure_partitions(%s, %s, %s, %s)
-
--- name: notify_sinks
-select pg_notify('pgsink_messages', s) from unnest(%s::text[]) as s
 
 -- name: copy_changes
 copy pgsink.changes (source_id, commit_lsn, commit_idx, xid, committed_at, source_table_oid,
@@ -44,7 +21,7 @@ copy pgsink.changes (source_id, commit_lsn, commit_idx, xid, committed_at, sourc
 from stdin
 
 -- name: copy_messages
-copy pgsink.messages (id, sink_id, lane, group_key, action, commit_lsn, commit_idx, committed_at)
+copy pgsink.messages (sink_id, lane, group_key, action, commit_lsn, commit_idx, committed_at)
 from stdin
 
 -- name: last_retained_record
@@ -54,3 +31,15 @@ where source_id = %s and source_table_oid = %s and record_pk = %s
 order by commit_lsn desc, commit_idx desc
 limit 1
 
+-- name: capture_begin
+select pgsink.capture_begin(%s, %s::uuid[], %s, %s)
+
+-- name: capture_finish
+with checkpoint as (
+    update pgsink.source_checkpoints
+    set commit_lsn = %s, commit_idx = %s, ack_lsn = %s, updated_at = now()
+    where source_id = %s
+    returning 1
+)
+select pg_notify('pgsink_messages', s)
+from checkpoint, unnest(%s::text[]) as s

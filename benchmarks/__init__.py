@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: `python -m benchmarks --help`. Results go to benchmarks/RESULTS.md."""

@@ -1,0 +1,73 @@
+"""Shared benchmark plumbing: the workload table, machine facts, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+RUNS_DIR = Path(__file__).parent / "runs"
+
+# The shape of Sequin's benchmark table.
+BENCHMARK_TABLE = """
+create table if not exists benchmark_records (
+    id              serial primary key,
+    string_field    text,
+    numeric_field   numeric,
+    timestamp_field timestamptz,
+    list_field      text[],
+    map_field       jsonb,
+    inserted_at     timestamp default now()
+)
+"""
+
+INSERT_ROWS = """
+insert into benchmark_records (string_field, numeric_field, timestamp_field, list_field, map_field)
+select md5(g::text), (g %% 1000) / 7.0, now(), array['a', md5(g::text)], jsonb_build_object('n', g, 'tag', 'x')
+from generate_series(1, %s) g
+"""
+
+
+def machine() -> dict[str, Any]:
+    mem = ""
+    try:
+        mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "mem": mem.split(":", 1)[-1].strip()}
+
+
+def git_ref() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def save(name: str, result: dict[str, Any]) -> Path:
+    RUNS_DIR.mkdir(exist_ok=True)
+    out = RUNS_DIR / f"{time.strftime('%Y%m%dT%H%M%S')}-{name}.json"
+    out.write_text(json.dumps({"benchmark": name, "git": git_ref(), "machine": machine(), **result}, indent=2,
+                              default=str))
+    return out
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of a live process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

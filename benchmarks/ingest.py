@@ -1,0 +1,118 @@
+"""Ingest benchmark: pgsink's reader vs pg_recvlogical on the same WAL, same run.
+
+Writes a workload of N changes (inserts, then updates of the same rows) on
+Sequin's benchmark_records shape, then reads the same WAL range twice from two
+slots created at the same point: once with `pg_recvlogical` (raw server decode
+rate, output to /dev/null) and once with `pgsink worker --role reader` (decode,
+retention log + one sink's queue, checkpoint, ack). Also samples the reader's RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psycopg
+
+from pgsink.engine.embedded import EmbeddedPostgres, find_bindir
+
+from .common import BENCHMARK_TABLE, INSERT_ROWS, rss_mb, save
+
+TX_ROWS = 1000
+
+
+def _write_workload(conn: psycopg.Connection, changes: int) -> None:
+    inserts = changes // 2
+    for start in range(0, inserts, TX_ROWS * 10):
+        conn.execute(INSERT_ROWS, (min(TX_ROWS * 10, inserts - start),))
+    updates = changes - inserts
+    for start in range(1, updates + 1, TX_ROWS):
+        conn.execute("update benchmark_records set numeric_field = numeric_field + 1, string_field = 'u'"
+                     " where id between %s and %s", (start, min(start + TX_ROWS - 1, updates)))
+
+
+def run(changes: int = 200_000) -> dict[str, Any]:
+    with EmbeddedPostgres(for_tests=False) as pg:
+        dsn = pg.dsn("bench")
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+            admin.execute("create database bench")
+        subprocess.run([sys.executable, "-m", "pgsink.cli", "migrate", "--database-url", dsn], check=True,
+                       capture_output=True)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(BENCHMARK_TABLE)
+            conn.execute("create publication bench_pub for table benchmark_records")
+            conn.execute("select pg_create_logical_replication_slot('recv_slot', 'pgoutput')")
+            conn.execute("select pg_create_logical_replication_slot('pgsink_slot', 'pgoutput')")
+            source_id = conn.execute(
+                "insert into pgsink.sources (name, hostname, port, database, username, slot_name,"
+                " publication_name) values ('bench', '127.0.0.1', %s, 'bench', 'postgres', 'pgsink_slot',"
+                " 'bench_pub') returning id", (pg.port,)).fetchone()[0]
+            ep = conn.execute("insert into pgsink.http_endpoints (name, url) values ('ep', 'http://127.0.0.1:9')"
+                              " returning id").fetchone()[0]
+            sink = conn.execute("insert into pgsink.sinks (name, source_id, http_endpoint_id, status) values"
+                                " ('bench', %s, %s, 'paused') returning id", (source_id, ep)).fetchone()[0]
+            conn.execute("insert into pgsink.lanes (sink_id, lane) select %s, generate_series(0, 63)", (sink,))
+            t = time.monotonic()
+            _write_workload(conn, changes)
+            write_s = time.monotonic() - t
+            end_lsn = conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+            end_int = conn.execute("select pg_current_wal_lsn() - '0/0'").fetchone()[0]
+
+        recv = _pg_recvlogical(dsn, end_lsn, changes)
+        reader = _pgsink_reader(dsn, end_int, changes)
+        ratio = reader["changes_per_s"] / recv["changes_per_s"]
+        return {"changes": changes, "write_s": round(write_s, 2), "pg_recvlogical": recv, "pgsink": reader,
+                "ratio": round(ratio, 3)}
+
+
+def _pg_recvlogical(dsn: str, end_lsn: str, changes: int) -> dict[str, Any]:
+    t = time.monotonic()
+    subprocess.run([str(find_bindir() / "pg_recvlogical"), "-d", dsn, "--slot", "recv_slot", "--start",
+                    "-o", "proto_version=1", "-o", "publication_names=bench_pub", "-f", "/dev/null",
+                    "-E", end_lsn, "--no-loop"], check=True, capture_output=True)
+    elapsed = time.monotonic() - t
+    return {"seconds": round(elapsed, 3), "changes_per_s": round(changes / elapsed)}
+
+
+def _pgsink_reader(dsn: str, end_lsn: int, changes: int) -> dict[str, Any]:
+    env = {**os.environ, "PGSINK_DATABASE_URL": dsn}
+    env.setdefault("PGSINK_SECRET_KEY", "A" * 43 + "=")
+    t = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "pgsink.cli", "worker", "--role", "reader"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0.0
+    first_flush = None
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while True:
+                peak = max(peak, rss_mb(proc.pid))
+                row = conn.execute("select ack_lsn, (select count(*) > 0 from pgsink.changes)"
+                                   " from pgsink.source_checkpoints").fetchone()
+                if row and row[1] and first_flush is None:
+                    first_flush = time.monotonic()
+                if row and row[0] >= end_lsn:
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"reader exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                time.sleep(0.05)
+            elapsed = time.monotonic() - t
+            n = conn.execute("select count(*) from pgsink.changes").fetchone()[0]
+            m = conn.execute("select count(*) from pgsink.messages").fetchone()[0]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert n == changes and m == changes, (n, m, changes)
+    return {"seconds": round(elapsed, 3), "changes_per_s": round(changes / elapsed),
+            "from_first_flush_s": round(time.monotonic() - (first_flush or t), 3),
+            "peak_rss_mb": round(peak, 1)}
+
+
+def main(changes: int = 200_000) -> None:
+    result = run(changes)
+    recv = result["pg_recvlogical"]
+    path = save("ingest", result)
+    print(f"changes={changes} pg_recvlogical={recv['changes_per_s']}/s pgsink={result['pgsink']['changes_per_s']}/s "
+          f"ratio={result['ratio']} peak_rss={result['pgsink']['peak_rss_mb']}MB -> {path}")
