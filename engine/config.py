@@ -21,6 +21,7 @@ export writes them as ``${PGSINK_...}`` placeholders.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -39,6 +40,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
 from . import secrets
+from . import signing as signing_mod
 from . import source as source_checks
 from .db import connection
 from .errors import ConfigError
@@ -100,6 +102,11 @@ class EndpointSpec:
     url: str
     headers: dict[str, str]
     encrypted_headers: dict[str, str] = field(repr=False)
+    signing: bool = False  # Standard Webhooks signatures
+    signing_secret: str | None = field(default=None, repr=False)  # None with signing: keep or generate
+    block_private_addresses: bool = False
+    ca_bundle: str | None = None
+    rate_limit: float | None = None  # requests/s across all workers
     line: int = field(default=0, compare=False)
 
 
@@ -799,6 +806,10 @@ def _read_endpoint(o: _Obj) -> EndpointSpec | None:
     encrypted = _read_headers(o, "encrypted_headers")
     for k in sorted(set(headers) & set(encrypted)):
         o.err("encrypted_headers", f"header {k!r} is also in headers: give it once")
+    signing, signing_secret = _read_signing(o)
+    block_private = o.bool("block_private_addresses", False)
+    ca_bundle = o.str("ca_bundle")
+    rate_limit = _read_rate_limit(o)
     o.unsupported("local", "Sequin Cloud's tunnel to localhost: give url: http://127.0.0.1:PORT/...")
     o.unsupported("webhook.site", "webhook.site test endpoints: give url")
     o.unsupported("path", "only with local; put the path in url")
@@ -806,7 +817,38 @@ def _read_endpoint(o: _Obj) -> EndpointSpec | None:
     o.finish()
     if not o.ok or not (name and url):
         return None
-    return EndpointSpec(name=name, url=url, headers=headers, encrypted_headers=encrypted, line=o.node.line)
+    return EndpointSpec(name=name, url=url, headers=headers, encrypted_headers=encrypted, signing=signing,
+                        signing_secret=signing_secret, block_private_addresses=bool(block_private),
+                        ca_bundle=ca_bundle or None, rate_limit=rate_limit, line=o.node.line)
+
+
+def _read_signing(o: _Obj) -> tuple[bool, str | None]:
+    """signing: true (pgsink makes and keeps the secret) and/or signing_secret: whsec_... (never quoted)."""
+    secret = o.str("signing_secret")
+    signing = o.bool("signing", None)
+    if secret is not None:
+        try:
+            signing_mod.secret_key(secret)
+        except ConfigError as e:
+            o.err("signing_secret", str(e))
+            secret = None
+        if signing is False:
+            o.err("signing", "is false but signing_secret is given: remove one")
+    return bool(signing) or secret is not None, secret
+
+
+def _read_rate_limit(o: _Obj) -> float | None:
+    text = o.str("rate_limit")
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        o.err("rate_limit", f"must be a positive number of requests per second, got {text!r}")
+        return None
+    return value
 
 
 def _read_tables(o: _Obj) -> list[TableSpec]:
@@ -1090,7 +1132,10 @@ def source_spec(s: Source) -> SourceSpec:
 
 
 def endpoint_spec(e: HttpEndpoint) -> EndpointSpec:
-    return EndpointSpec(name=e.name, url=e.url, headers=dict(e.headers), encrypted_headers=dict(e.encrypted_headers))
+    return EndpointSpec(name=e.name, url=e.url, headers=dict(e.headers), encrypted_headers=dict(e.encrypted_headers),
+                        signing=e.signing is not None, signing_secret=e.signing.current if e.signing else None,
+                        block_private_addresses=e.block_private_addresses, ca_bundle=e.ca_bundle,
+                        rate_limit=e.rate_limit)
 
 
 def sink_spec(k: Sink, config: Config) -> SinkSpec:
@@ -1127,7 +1172,7 @@ _LABELS = {
     "exclude_schemas": "source.exclude_schemas", "include_tables": "source.include_tables",
     "exclude_tables": "source.exclude_tables",
 }
-_SECRET_FIELDS = {"password", "encrypted_headers"}
+_SECRET_FIELDS = {"password", "encrypted_headers", "signing_secret"}
 
 
 def show_value(value: Any) -> str:
@@ -1156,6 +1201,9 @@ class FieldChange:
     def describe(self) -> str:
         """One line; secrets are described by what happened to them, never by value."""
         label = _LABELS.get(self.field, self.field)
+        if self.field == "signing_secret":
+            what = "set" if self.old is None else "removed" if self.new is None else "rotated"
+            return f"{label}: ({what})"
         if self.field == "password":
             what = "set" if self.old is None else "removed" if self.new is None else "changed"
             return f"{label}: ({what})"
@@ -1228,6 +1276,7 @@ def make_plan(desired: Desired, current: Config, *, prune: bool = False) -> Plan
     changed lane_count, and (with prune) deletions that would orphan a sink.
     """
     now = current_specs(current)
+    desired = _keep_signing_secrets(desired, now)
     problems: list[str] = []
     changes: list[Change] = []
     for kind, want, have in (("source", desired.sources, now.sources),
@@ -1262,6 +1311,15 @@ def make_plan(desired: Desired, current: Config, *, prune: bool = False) -> Plan
     if problems:
         raise ConfigError("\n".join(problems))
     return Plan(changes, list(desired.warnings))
+
+
+def _keep_signing_secrets(desired: Desired, now: Desired) -> Desired:
+    """``signing: true`` without a secret keeps the endpoint's current secret (export writes it so)."""
+    secrets_now = {e.name: e.signing_secret for e in now.endpoints if e.signing_secret}
+    endpoints = [dataclasses.replace(e, signing_secret=secrets_now[e.name])
+                 if e.signing and e.signing_secret is None and e.name in secrets_now else e
+                 for e in desired.endpoints]
+    return dataclasses.replace(desired, endpoints=endpoints)
 
 
 def _prune(desired: Desired, now: Desired, problems: list[str]) -> list[Change]:
@@ -1368,6 +1426,29 @@ async def _write_one(conn: psycopg.AsyncConnection, c: Change) -> None:
     else:
         query, params = _WRITES[(c.action, c.kind)]
         await conn.execute(QUERIES[query], params(c.spec))  # type: ignore[index]
+    if c.kind == "endpoint" and c.action != "delete":
+        await _write_endpoint_security(conn, c.spec)
+
+
+async def _write_endpoint_security(conn: psycopg.AsyncConnection, e: EndpointSpec) -> None:
+    """Signing secrets (a changed secret is a rotation: the old one signs on for a grace period),
+    the private-address block, CA bundle and rate limit (migration 0003's columns)."""
+    cur = await conn.execute(QUERIES["endpoint_security_get"], {"name": e.name})
+    row = await cur.fetchone()
+    old_blob = row[0] if row else None
+    blob: bytes | None = None
+    if e.signing:
+        secret = e.signing_secret or signing_mod.generate_secret()
+        old = signing_mod.SigningKeys.decrypt(old_blob) if old_blob else None
+        if old is not None and old.current == secret:
+            blob = old_blob
+        elif old is not None:
+            blob = old.rotated(secret, grace_seconds=signing_mod.DEFAULT_GRACE_SECONDS).encrypt()
+        else:
+            blob = signing_mod.SigningKeys.of(secret).encrypt()
+    await conn.execute(QUERIES["endpoint_security_set"], {
+        "name": e.name, "signing_secrets_encrypted": blob, "block_private_addresses": e.block_private_addresses,
+        "ca_bundle": e.ca_bundle, "rate_limit": e.rate_limit})
 
 
 def _sources_to_check(plan: Plan, desired: Desired, current: Config) -> dict[str, tuple[Source, set[tuple[str, str]]]]:
@@ -1595,6 +1676,14 @@ def _export_endpoint(e: HttpEndpoint, ph: _Placeholders) -> dict[str, Any]:
     if e.encrypted_headers:
         out["encrypted_headers"] = [{"key": k, "value": ph.make("ENDPOINT", e.name, k)}
                                     for k in e.encrypted_headers]
+    if e.signing is not None:
+        out["signing"] = True  # the secret stays in pgsink: applying this keeps it
+    if e.block_private_addresses:
+        out["block_private_addresses"] = True
+    if e.ca_bundle:
+        out["ca_bundle"] = e.ca_bundle
+    if e.rate_limit is not None:
+        out["rate_limit"] = e.rate_limit
     return out
 
 

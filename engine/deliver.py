@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -33,11 +34,13 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from . import db
+from . import http_safety as safety
 from . import queue as q
 from .errors import PgsinkError
-from .model import Config, Sink, config_version, load_config
+from .model import Config, HttpEndpoint, Sink, config_version, load_config
 from .queries import QUERIES
-from .render import RenderContext, RequestTarget, render_body
+from .render import RenderContext, RequestTarget, idempotency_key, render_body
+from .signing import batch_id, sign_headers
 
 log = logging.getLogger("pgsink.deliver")
 
@@ -93,6 +96,16 @@ async def _excerpt(resp: aiohttp.ClientResponse) -> str | None:
     return raw.decode("utf-8", "replace").replace("\x00", "")
 
 
+def _honour_retry_after(fate: q.FailurePlan, seconds: float) -> q.FailurePlan:
+    """The endpoint said when to come back (Retry-After): wait at least that long."""
+    if fate.kind == "backoff":
+        return dataclasses.replace(fate, delay=max(fate.delay, seconds))
+    if fate.kind == "park":
+        groups = [dataclasses.replace(g, delay=max(g.delay, seconds)) for g in fate.groups]
+        return dataclasses.replace(fate, groups=groups)
+    return fate
+
+
 @dataclass(frozen=True)
 class _SinkSetup:
     """A sink's config as one runner uses it; replaced whole on reload."""
@@ -100,6 +113,7 @@ class _SinkSetup:
     sink: Sink
     ctx: RenderContext
     target: RequestTarget
+    endpoint: HttpEndpoint | None = None
 
 
 class DeliveryStage:
@@ -141,6 +155,7 @@ class DeliveryStage:
         self._side_tasks: list[asyncio.Task[None]] = []
         self._pool: AsyncConnectionPool | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._public_session: aiohttp.ClientSession | None = None  # for endpoints blocking private addresses
         self._warned_missing: set[str] = set()
 
     # ------------------------------------------------------------ public
@@ -216,30 +231,69 @@ class DeliveryStage:
         async with self.pool.connection() as conn:
             return await fn(conn, *args, **kwargs)
 
+    def _session_for(self, endpoint: HttpEndpoint | None) -> aiohttp.ClientSession:
+        """The shared session; endpoints that block private addresses use one whose resolver refuses them."""
+        assert self._session is not None
+        if endpoint is None or not endpoint.block_private_addresses:
+            return self._session
+        if self._public_session is None:
+            self._public_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, resolver=safety.PublicOnlyResolver()),
+                headers={"user-agent": "pgsink"},
+            )
+        return self._public_session
+
+    async def _wait_for_rate(self, endpoint: HttpEndpoint) -> None:
+        """Take a token of the endpoint's bucket, shared by all workers; wait if there was none."""
+        assert endpoint.rate_limit is not None
+        wait = await self.with_conn(safety.take_rate_token, endpoint.id, endpoint.rate_limit)
+        if wait > 0:
+            await asyncio.sleep(wait)  # the rate limit itself, not a synchronisation
+
     async def post(self, setup: _SinkSetup, messages: list[q.QueuedMessage]) -> q.Attempt:
         """POST one batch; any outcome becomes an Attempt (never raises for HTTP trouble)."""
-        assert self._session is not None
-        body = setup.target.encode(render_body(messages, setup.ctx))
+        plain = render_body(messages, setup.ctx)
+        body = setup.target.encode(plain)
+        headers = dict(setup.target.headers)
+        endpoint = setup.endpoint
+        if endpoint is not None and endpoint.signing is not None:
+            msg_id = (idempotency_key(messages[0]) if len(messages) == 1
+                      else batch_id([idempotency_key(m) for m in messages]))
+            headers.update(sign_headers(endpoint.signing.live_keys(time.time()), msg_id, plain))
+        if endpoint is not None and endpoint.rate_limit is not None:
+            await self._wait_for_rate(endpoint)
         timeout_ms = setup.sink.request_timeout_ms
         started = datetime.now(UTC)
         t0 = time.perf_counter()
         status: int | None = None
         text: str | None = None
         error: str | None = None
+        retry_after: float | None = None
         try:
-            async with self._session.post(
-                setup.target.url, data=body, headers=dict(setup.target.headers), allow_redirects=False,
+            ssl_option: Any = True
+            if endpoint is not None:
+                if endpoint.block_private_addresses:
+                    safety.check_url_host(setup.target.url)
+                if endpoint.ca_bundle:
+                    ssl_option = safety.ssl_context(endpoint.ca_bundle)
+            async with self._session_for(endpoint).post(
+                setup.target.url, data=body, headers=headers, allow_redirects=False, ssl=ssl_option,
                 timeout=aiohttp.ClientTimeout(total=timeout_ms / 1000),
             ) as resp:
                 status = resp.status
                 text = await _excerpt(resp)
+                if status in safety.RETRY_AFTER_STATUSES:
+                    retry_after = safety.parse_retry_after(resp.headers.get("retry-after"))
+                if 300 <= status < 400:  # a failure: a redirect could lead anywhere, even inside
+                    text = f"redirect not followed (location: {resp.headers.get('location', '-')}); {text or ''}"
         except TimeoutError:
             error = f"timed out after {timeout_ms} ms (the sink's request_timeout_ms)"
-        except (aiohttp.ClientError, ValueError, OSError) as e:  # refused, reset, TLS, bad header or URL
+        except (aiohttp.ClientError, ValueError, OSError) as e:  # refused, reset, TLS, bad header or URL, blocked
             error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         duration_ms = int((time.perf_counter() - t0) * 1000)
         delivered = error is None and status is not None and 200 <= status < 300
-        return q.Attempt([m.id for m in messages], started, duration_ms, status, text, error, delivered)
+        return q.Attempt([m.id for m in messages], started, duration_ms, status, text, error, delivered,
+                         retry_after)
 
     # ------------------------------------------------------------ side loops
 
@@ -318,7 +372,7 @@ class DeliveryStage:
             endpoint = config.endpoints[sink.http_endpoint_id]
             source = config.sources[sink.source_id]
             wanted[sink.id] = _SinkSetup(sink, RenderContext.for_sink(sink, source),
-                                         RequestTarget.for_sink(sink, endpoint))
+                                         RequestTarget.for_sink(sink, endpoint), endpoint)
         for name in (self.sink_filter or set()) - seen - self._warned_missing:
             log.warning("sink %r is not configured; nothing to deliver for it", name)
             self._warned_missing.add(name)
@@ -395,6 +449,8 @@ class DeliveryStage:
             await self._pool.close()
         if self._session is not None:
             await self._session.close()
+        if self._public_session is not None:
+            await self._public_session.close()
 
 
 class _SinkRunner:
@@ -586,6 +642,8 @@ class _SinkRunner:
         fate = q.plan_failure(plan, failures=failures, max_retry_count=sink.max_retry_count,
                               park_after=stage.park_after, may_park=may_park,
                               base=stage.backoff_base, cap=stage.backoff_cap)
+        if attempt.retry_after is not None:
+            fate = _honour_retry_after(fate, attempt.retry_after)
         log.warning("sink %s lane %d: attempt %d failed (%s): %s", sink.name, lease.lane, failures,
                     attempt.describe(), fate.kind, extra={"sink": sink.name})
         if fate.kind == "backoff":
@@ -656,6 +714,8 @@ class _SinkRunner:
             delay, pending, moved_on = q.parked_outcome(
                 messages, group_attempts=lease.attempts, max_retry_count=sink.max_retry_count,
                 base=stage.backoff_base, cap=stage.backoff_cap)
+            if attempt.retry_after is not None:
+                delay = max(delay, attempt.retry_after)
             log.warning("sink %s parked group %r: attempt %d failed (%s)", sink.name, lease.group_key,
                         lease.attempts + 1, attempt.describe(), extra={"sink": sink.name})
             await stage.with_conn(q.fail_parked, lease, stage.owner, attempt, delay=delay, in_flight=pending,

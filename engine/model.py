@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 
 from . import secrets
 from .queries import QUERIES
+from .signing import SigningKeys
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class HttpEndpoint:
     url: str
     headers: dict[str, str]
     encrypted_headers: dict[str, str] = field(repr=False)
+    signing: SigningKeys | None = field(default=None, repr=False)  # None: requests are not signed
+    block_private_addresses: bool = False
+    ca_bundle: str | None = None
+    rate_limit: float | None = None  # requests/s across all workers
 
     def all_headers(self) -> dict[str, str]:
         return {**self.headers, **self.encrypted_headers}
@@ -94,6 +99,17 @@ class Sink:
     max_retry_count: int | None
     annotations: dict[str, Any]
     lane_count: int
+    filters: tuple[dict[str, Any], ...] = ()  # sequin.yaml column filters, applied at enqueue
+    filter_sql: str | None = None
+    filter_function: str | None = None
+    transform_path: str | None = None
+    transform_function: str | None = None
+    route_function: str | None = None
+    function_timeout_ms: int = 1000
+
+    @property
+    def has_filters(self) -> bool:
+        return bool(self.filters or self.filter_sql or self.filter_function)
 
     def matches_table(self, schema: str, table: str) -> bool:
         """Whether changes of schema.table belong to this sink (source filters only)."""
@@ -170,6 +186,9 @@ async def load_config(conn: psycopg.AsyncConnection) -> Config:
             r["id"]: HttpEndpoint(
                 id=r["id"], name=r["name"], url=r["url"], headers=r["headers"],
                 encrypted_headers=_decrypt_json(r["encrypted_headers"]),
+                signing=SigningKeys.decrypt(r["signing_secrets_encrypted"]) if r["signing_secrets_encrypted"] else None,
+                block_private_addresses=r["block_private_addresses"], ca_bundle=r["ca_bundle"],
+                rate_limit=r["rate_limit"],
             )
             for r in await cur.fetchall()
         }
@@ -185,7 +204,10 @@ async def load_config(conn: psycopg.AsyncConnection) -> Config:
                 batch=r["batch"], batch_size=r["batch_size"], batch_timeout_ms=r["batch_timeout_ms"],
                 request_timeout_ms=r["request_timeout_ms"], max_ack_pending=r["max_ack_pending"],
                 max_retry_count=r["max_retry_count"], annotations=r["annotations"],
-                lane_count=r["lane_count"],
+                lane_count=r["lane_count"], filters=tuple(r["filters"]), filter_sql=r["filter_sql"],
+                filter_function=r["filter_function"], transform_path=r["transform_path"],
+                transform_function=r["transform_function"], route_function=r["route_function"],
+                function_timeout_ms=r["function_timeout_ms"],
             )
             for r in await cur.fetchall()
         }

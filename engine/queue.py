@@ -144,6 +144,7 @@ class Attempt:
     response_body: str | None
     error: str | None
     delivered: bool
+    retry_after: float | None = None  # seconds the endpoint asked to wait (Retry-After on 429/503)
 
     def describe(self) -> str:
         """Short text for last_error columns and logs."""

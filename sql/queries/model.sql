@@ -8,7 +8,8 @@ from pgsink.sources
 order by name
 
 -- name: config_http_endpoints
-select id, name, url, headers, encrypted_headers
+select id, name, url, headers, encrypted_headers, signing_secrets_encrypted,
+       block_private_addresses, ca_bundle, rate_limit
 from pgsink.http_endpoints
 order by name
 
@@ -16,7 +17,9 @@ order by name
 select id, name, source_id, http_endpoint_id, http_endpoint_path, status,
        include_schemas, exclude_schemas, include_tables, exclude_tables, actions,
        message_grouping, table_options, batch, batch_size, batch_timeout_ms,
-       request_timeout_ms, max_ack_pending, max_retry_count, annotations, lane_count
+       request_timeout_ms, max_ack_pending, max_retry_count, annotations, lane_count,
+       filters, filter_sql, filter_function, transform_path, transform_function, route_function,
+       function_timeout_ms
 from pgsink.sinks
 order by name
 

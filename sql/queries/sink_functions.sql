@@ -1,0 +1,22 @@
+-- Endpoint security and sink functions (pgsink.engine.http_safety, pgsink.engine.config,
+-- pgsink.engine.signing): columns of migration 0003, written after the main config write.
+
+-- name: take_rate_token
+select pgsink.take_rate_token(%(endpoint_id)s, %(rate)s)
+
+-- name: endpoint_security_get
+select signing_secrets_encrypted from pgsink.http_endpoints where name = %(name)s for update
+
+-- name: endpoint_security_set
+update pgsink.http_endpoints set
+    signing_secrets_encrypted = %(signing_secrets_encrypted)s,
+    block_private_addresses = %(block_private_addresses)s, ca_bundle = %(ca_bundle)s,
+    rate_limit = %(rate_limit)s, updated_at = now()
+where name = %(name)s
+
+-- name: endpoint_signing_set
+update pgsink.http_endpoints set signing_secrets_encrypted = %(signing_secrets_encrypted)s, updated_at = now()
+where name = %(name)s
+
+-- name: endpoint_signing_get
+select signing_secrets_encrypted from pgsink.http_endpoints where name = %(name)s
