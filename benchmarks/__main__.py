@@ -30,5 +30,13 @@ def e2e(changes: int = typer.Option(200_000, help="Changes to write (batch size 
     main(changes, batch_size, rate or None)
 
 
+@app.command()
+def claim() -> None:
+    """Claim cost with 10k vs 1M pending messages and 100k parked behind one group."""
+    from .claim import main
+
+    main()
+
+
 if __name__ == "__main__":
     app()
