@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import socket
@@ -50,17 +51,17 @@ def blocked_reason(address: str) -> str | None:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    for attr, what in (("is_loopback", "loopback"), ("is_link_local", "link-local"), ("is_private", "private"),
-                       ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
-                       ("is_reserved", "reserved")):
+    for attr, what in (("is_unspecified", "unspecified"), ("is_loopback", "loopback"),
+                       ("is_link_local", "link-local"), ("is_multicast", "multicast"),
+                       ("is_private", "private"), ("is_reserved", "reserved")):
         if getattr(ip, attr):
             return f"{ip} is a {what} address"
     return None
 
 
 def _refusal(host: str, reason: str) -> BlockedAddress:
-    return BlockedAddress(f"refused to connect to {host}: {reason} and the endpoint has "
-                          "block_private_addresses on")
+    return BlockedAddress(errno.EACCES, f"refused to connect to {host}: {reason} and the endpoint has "
+                                        "block_private_addresses on")
 
 
 def check_url_host(url: str) -> None:
