@@ -52,9 +52,9 @@ def keygen() -> None:
 
 
 def _register() -> None:
-    from . import config_cmds, demo_cmd, worker_cmd
+    from . import config_cmds, demo_cmd, ops_cmds, worker_cmd
 
-    for module in (config_cmds, worker_cmd, demo_cmd):
+    for module in (config_cmds, worker_cmd, demo_cmd, ops_cmds):
         module.register(app)
 
 
