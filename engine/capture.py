@@ -68,6 +68,7 @@ class _Tx:
     committed_at: Any
     xid: int
     committed_text: bytes
+    skip_upto: int  # changes with an index at or below this are already durable (-1: none)
     next_idx: int = 0
     kept: int = 0
     annotations: bytes | None = None
@@ -82,7 +83,7 @@ class SourceReader:
         self.settings = settings or ReaderSettings()
         self.sinks: list[model.Sink] = []
         # (table oid, action) -> the sinks its changes go to; rebuilt on config or relation changes
-        self._routes: dict[tuple[int, str], list[model.Sink]] = {}
+        self._routes: dict[tuple[int, str], list[tuple[bytes, int, bool, tuple[str, ...] | None]]] = {}
         self.is_leader = asyncio.Event()
         self._flusher: Flusher
         self._stop = asyncio.Event()
@@ -177,7 +178,7 @@ class SourceReader:
                     wait = min(self.settings.idle_gap, self.settings.flush_interval - buffer.age())
                     raw = await stream.read(wait) if wait > 0 else None
                     if raw is None:
-                        await flusher.submit()
+                        await flusher.submit(wait=True)
                         last_status = loop.time()
                 elif raw is None:
                     raw = await stream.read(1.0)
@@ -197,7 +198,9 @@ class SourceReader:
                             last_status = -1e9  # answer at once, below
                     if buffer.dirty and (len(buffer.changes) >= self.settings.flush_changes
                                          or buffer.age() >= self.settings.flush_interval):
-                        await flusher.submit()
+                        # while the previous batch is still being written, keep reading into
+                        # this one (batches grow to match the write time), up to flush_changes
+                        await flusher.submit(wait=len(buffer.changes) >= self.settings.flush_changes)
                         last_status = loop.time()
                     since_yield += 1
                     if since_yield >= 500:  # let other stages of this process run
@@ -209,16 +212,16 @@ class SourceReader:
                 if now - last_status >= self.settings.status_interval:
                     # Idle: nothing buffered and no transaction open, so everything the server
                     # sent up to its position is durable (or not ours): acknowledge it.
-                    if tx is None and not buffer.dirty and server_pos > buffer.ack_lsn:
-                        buffer.ack_lsn = server_pos
-                    await stream.send(standby_status_update(buffer.ack_lsn, buffer.ack_lsn, buffer.ack_lsn))
+                    if tx is None and not buffer.dirty and not flusher.busy and server_pos > buffer.ack_lsn:
+                        buffer.ack_lsn = flusher.acked = server_pos
+                    await stream.send(standby_status_update(flusher.acked, flusher.acked, flusher.acked))
                     last_status = now
                 if now - last_config >= self.settings.config_poll:
                     await flusher.settle()
                     await self._reload_sinks(state)
                     last_config = now
             if buffer.dirty:
-                await flusher.submit()
+                await flusher.submit(wait=True)
             await flusher.settle()
         finally:
             flusher.cancel()
@@ -233,20 +236,26 @@ class SourceReader:
             if event.schema == STATE_SCHEMA:
                 return tx  # pgsink's own tables never enter the stream
             idx, tx.next_idx = tx.next_idx, tx.next_idx + 1
-            if buffer.should_skip(Position(tx.commit_lsn, idx)):
+            if idx <= tx.skip_upto:
                 return tx
             tx.kept += 1
-            await self._add_change(event, tx, idx, buffer, state)
+            if event.unchanged_toast:
+                await self._fill_toast(event, record_key(event.record, event.key_columns), buffer, state)
+            self._add_change(event, tx, idx, buffer)
             if len(buffer.changes) >= self.settings.flush_changes:
-                await self._flusher.submit()  # a chunk of a large transaction; no ack past its commit
+                await self._flusher.submit(wait=True)  # a chunk of a large transaction; no ack past its commit
             return tx
         if isinstance(event, TxBegin):
-            return _Tx(event.commit_lsn, event.committed_at, event.xid, event.committed_at.isoformat().encode())
+            ck = buffer.checkpoint
+            skip_upto = -1 if event.commit_lsn > ck.commit_lsn else (
+                ck.commit_idx if event.commit_lsn == ck.commit_lsn else TX_COMPLETE)
+            return _Tx(event.commit_lsn, event.committed_at, event.xid, event.committed_at.isoformat().encode(),
+                       skip_upto)
         if isinstance(event, TxCommit):
             partial = buffer.checkpoint.commit_lsn == event.commit_lsn and buffer.checkpoint.commit_idx != TX_COMPLETE
             if tx is not None and (tx.kept or partial):
                 buffer.complete(event.commit_lsn, event.end_lsn)
-            elif not buffer.dirty and not buffer.should_skip(Position(event.commit_lsn, 0)):
+            elif not buffer.dirty and event.commit_lsn > buffer.checkpoint.commit_lsn:
                 buffer.ack_lsn = max(buffer.ack_lsn, event.end_lsn)  # nothing of ours in it
             return None
         if isinstance(event, RelationSeen):
@@ -265,27 +274,30 @@ class SourceReader:
             return tx
         return tx
 
-    async def _add_change(self, change: RowChange, tx: _Tx, idx: int, buffer: IngestBuffer,
-                          state: psycopg.AsyncConnection) -> None:
+    def _add_change(self, change: RowChange, tx: _Tx, idx: int, buffer: IngestBuffer) -> None:
         pk = change.key_columns  # the primary key, from the catalog
         record_pk = record_key(change.record, pk) if pk else None
-        if change.unchanged_toast:
-            await self._fill_toast(change, record_pk, buffer, state)
         route = (change.table_oid, change.action)
-        sinks = self._routes.get(route)
-        if sinks is None:
-            sinks = self._routes[route] = [
-                s for s in self.sinks if change.action in s.actions and s.matches_table(change.schema, change.table)]
-        messages = [(sink, self._group_key(sink, change, record_pk)) for sink in sinks]
+        targets = self._routes.get(route)
+        if targets is None:
+            targets = self._routes[route] = self._route(change)
+        messages = [(sink_key, lanes, self._group_key(grouping, columns, change, record_pk))
+                    for sink_key, lanes, grouping, columns in targets]
         buffer.add(PendingChange(tx.commit_lsn, idx, tx.xid, tx.committed_at, tx.committed_text, change,
                                  record_pk, tx.annotations, messages))
 
+    def _route(self, change: RowChange) -> list[tuple[bytes, int, bool, tuple[str, ...] | None]]:
+        """The sinks a table's changes of one action go to, with what their group keys need."""
+        return [(str(s.id).encode(), s.lane_count, s.message_grouping, s.group_columns(change.schema, change.table))
+                for s in self.sinks
+                if change.action in s.actions and s.matches_table(change.schema, change.table)]
+
     @staticmethod
-    def _group_key(sink: model.Sink, change: RowChange, record_pk: str | None) -> str | None:
+    def _group_key(grouping: bool, columns: tuple[str, ...] | None, change: RowChange,
+                   record_pk: str | None) -> str | None:
         """Default group: the primary key. A table without one is one group (kept in order)."""
-        if not sink.message_grouping:
+        if not grouping:
             return None
-        columns = sink.group_columns(change.schema, change.table)
         if columns:
             return f"{change.schema}.{change.table}:{record_key(change.record, columns)}"
         if record_pk is not None:
@@ -342,20 +354,32 @@ class Flusher:
     """Writes batches in the background so decoding overlaps the capture transaction.
 
     At most one batch is in flight; the slot is acknowledged only after its
-    transaction committed (invariant 1). The state connection is shared, so
+    transaction committed (invariant 1): ``acked`` is the last position sent,
+    never the buffer's optimistic one. The state connection is shared, so
     anything else that uses it first waits for the batch in flight (settle()).
     """
 
     def __init__(self, buffer: IngestBuffer, stream: Any, state: psycopg.AsyncConnection) -> None:
         self.buffer, self.stream, self.state = buffer, stream, state
+        self.acked = buffer.ack_lsn
         self._task: asyncio.Task[int] | None = None
 
     @property
     def done(self) -> bool:
         return self._task is not None and self._task.done()
 
-    async def submit(self) -> None:
-        """Start writing what is buffered (after the previous batch is durable and acknowledged)."""
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    async def submit(self, *, wait: bool) -> None:
+        """Start writing what is buffered, after the previous batch is durable and acknowledged.
+
+        With wait=False and a batch still being written, do nothing: the caller
+        keeps buffering and tries again later.
+        """
+        if self._task is not None and not self._task.done() and not wait:
+            return
         await self.settle()
         if self.buffer.dirty:
             batch = self.buffer.detach()
@@ -366,8 +390,8 @@ class Flusher:
         if self._task is None:
             return
         task, self._task = self._task, None
-        ack = await task
-        await self.stream.send(standby_status_update(ack, ack, ack))
+        self.acked = await task
+        await self.stream.send(standby_status_update(self.acked, self.acked, self.acked))
 
     def cancel(self) -> None:
         if self._task is not None:

@@ -28,7 +28,6 @@ from uuid import UUID
 import psycopg
 
 from .decode import RowChange
-from .model import Sink
 from .queries import QUERIES
 from .queue import lane_for
 from .values import RawJson, dumps
@@ -55,7 +54,7 @@ class PendingChange:
     change: RowChange
     record_pk: str | None
     annotations: bytes | None
-    messages: list[tuple[Sink, str | None]]  # (sink, group key)
+    messages: list[tuple[bytes, int, str | None]]  # (sink id as text, its lane count, group key)
 
 
 def key_text(value: Any) -> str:
@@ -119,10 +118,6 @@ class IngestBuffer:
     def age(self) -> float:
         return time.monotonic() - self.first_buffered_at if self.dirty else 0.0
 
-    def should_skip(self, pos: Position) -> bool:
-        """True for changes already durable before a restart (invariant 2)."""
-        return pos <= self.checkpoint
-
     def next_checkpoint(self) -> tuple[Position, int]:
         last = Position(self.changes[-1].commit_lsn, self.changes[-1].commit_idx) if self.changes else self.checkpoint
         ack = self.ack_lsn
@@ -148,7 +143,7 @@ class IngestBuffer:
         """The capture transaction for one batch; returns the LSN now safe to acknowledge."""
         n_messages = sum(len(c.messages) for c in batch.changes)
         await self._ensure_partitions(conn, batch.changes, n_messages)
-        sink_ids = sorted({str(s.id) for c in batch.changes for s, _ in c.messages})
+        sink_ids = sorted({sink.decode() for c in batch.changes for sink, _, _ in c.messages})
         try:
             async with conn.transaction():
                 cur = await conn.execute(QUERIES["capture_begin"], (
@@ -190,12 +185,12 @@ class IngestBuffer:
             if not c.messages:
                 continue
             tail = b"%s\t%d\t%d\t%s\n" % (_name(c.change.action), c.commit_lsn, c.commit_idx, c.committed_text)
-            for sink, group_key in c.messages:
+            for sink, lane_count, group_key in c.messages:
                 if group_key is not None:
-                    lane = lane_for(group_key, sink.lane_count)
+                    lane = lane_for(group_key, lane_count)
                 else:  # no ordering wanted: spread over the lanes
-                    lane, self._round_robin = self._round_robin % sink.lane_count, self._round_robin + 1
-                lines.append(b"%s\t%d\t%s\t%s" % (_name(str(sink.id)), lane, _text(group_key), tail))
+                    lane, self._round_robin = self._round_robin % lane_count, self._round_robin + 1
+                lines.append(b"%s\t%d\t%s\t%s" % (sink, lane, _text(group_key), tail))
         return b"".join(lines)
 
     async def _ensure_partitions(self, conn: psycopg.AsyncConnection, changes: list[PendingChange],
