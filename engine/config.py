@@ -39,6 +39,7 @@ import yaml
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
+from . import filters as filters_mod
 from . import secrets
 from . import signing as signing_mod
 from . import source as source_checks
@@ -142,6 +143,13 @@ class SinkSpec:
     max_retry_count: int | None
     annotations: dict[str, Any]
     lane_count: int
+    filters: tuple[dict[str, Any], ...] = ()  # column filters, sequin.yaml form
+    filter_sql: str | None = None
+    filter_function: str | None = None
+    transform_path: str | None = None
+    transform_function: str | None = None
+    route_function: str | None = None
+    function_timeout_ms: int = 1000
     line: int = field(default=0, compare=False)
 
     def explicit_tables(self) -> set[tuple[str, str]]:
@@ -971,9 +979,8 @@ def _read_sink(o: _Obj) -> SinkSpec | None:
     if shedding not in (None, "pause_on_full"):
         o.err("load_shedding_policy", f"{shedding!r} is not supported yet; pgsink pauses the sink's "
                                       "intake at max_ack_pending (pause_on_full)")
-    for key in ("transform", "filter", "routing", "enrichment"):
-        o.unsupported(key, f"{key} functions (only \"none\" is accepted)", allowed=_function_none)
-    o.unsupported("filters", "column filters", allowed=_empty_list)
+    functions = _read_functions(o)
+    o.unsupported("enrichment", "enrichment functions (only \"none\" is accepted)", allowed=_function_none)
     o.unsupported("initial_backfill", "backfills from sequin.yaml")
     o.ignore("active_backfill", "active_backfills", "consumer_start", "health",
              "id", "inserted_at", "updated_at", "account_id")
@@ -1002,8 +1009,97 @@ def _read_sink(o: _Obj) -> SinkSpec | None:
         batch_timeout_ms=batch_timeout_ms if batch_timeout_ms is not None else 50,
         request_timeout_ms=request_timeout_ms or 30000, max_ack_pending=max_ack_pending or 10000,
         max_retry_count=max_retry_count, annotations=annotations, lane_count=lane_count or 64,
-        line=o.node.line,
+        **functions, line=o.node.line,
     )
+
+
+_FUNCTION_KINDS = {"filter": ("sql", "python"), "transform": ("path", "python"), "routing": ("python",)}
+_FUNCTION_FIELDS = {("filter", "sql"): "filter_sql", ("filter", "python"): "filter_function",
+                    ("transform", "path"): "transform_path", ("transform", "python"): "transform_function",
+                    ("routing", "python"): "route_function"}
+_TRANSFORM_PATH = re.compile(r"^record(\.[A-Za-z0-9_$-]+)*$|^(changes|action|metadata)(\.[A-Za-z0-9_$-]+)*$")
+
+
+def _read_functions(o: _Obj) -> dict[str, Any]:
+    """filters (column filters), filter/transform/routing ({sql|path|python: ...} or none), function_timeout_ms."""
+    out: dict[str, Any] = {"filters": _read_column_filters(o)}
+    for key, forms in _FUNCTION_KINDS.items():
+        node = o.raw(key)
+        if node is None or _function_none(node):
+            continue
+        if isinstance(node, _Scalar):
+            o.err(key, f"named functions (Sequin's functions: section) are not supported yet by pgsink: "
+                       f"give the function inline, e.g. {key}: {{{forms[-1]}: ...}} (one of {', '.join(forms)})")
+            continue
+        f = o.obj(key)
+        if f is None:
+            continue
+        given = [form for form in forms if f.has(form)]
+        if len(given) != 1:
+            f.err(None, f"give exactly one of {', '.join(forms)}")
+            f.finish()
+            o.ok = False
+            continue
+        form = given[0]
+        value = f.str(form, required=True)
+        f.finish()
+        if not f.ok or value is None:
+            o.ok = False
+            continue
+        try:
+            _check_function(form, value)
+        except ConfigError as e:
+            f.err(form, str(e).removeprefix("filter_sql: "))
+            o.ok = False
+            continue
+        out[_FUNCTION_FIELDS[(key, form)]] = value
+    timeout = o.int("function_timeout_ms", default=1000, lo=1, hi=600_000)
+    out["function_timeout_ms"] = timeout or 1000
+    return out
+
+
+def _check_function(form: str, value: str) -> None:
+    if form == "sql":
+        filters_mod.compile_sql(value)
+    elif form == "path":
+        if not _TRANSFORM_PATH.match(value):
+            raise ConfigError(f"{value!r} is not a path like record, record.id or record.address.city")
+    elif not value.strip() or any(c.isspace() for c in value):
+        raise ConfigError(f"{value!r} is not module:function or a path to a .py file")
+
+
+def _read_column_filters(o: _Obj) -> tuple[dict[str, Any], ...]:
+    seq = o.seq("filters")
+    out: list[dict[str, Any]] = []
+    for item in seq or []:
+        line = getattr(item, "line", o.line("filters"))
+        if not isinstance(item, _Map):
+            o.report.error(line, f"{o.what}: filters: each entry is {{column_name, operator, comparison_value}}")
+            o.ok = False
+            continue
+        f = _Obj(o.report, item, f"{o.what}: filters")
+        spec: dict[str, Any] = {"column_name": f.str("column_name", required=True),
+                                "operator": f.str("operator", required=True)}
+        node = f.raw("comparison_value")
+        if node is not None:
+            try:
+                spec["comparison_value"] = _plain(node)
+            except _BadValue as e:
+                f.err("comparison_value", str(e))
+        for key in ("field_path", "field_type"):
+            if (value := f.str(key)) is not None:
+                spec[key] = value
+        f.finish()
+        if spec["operator"] is not None:
+            spec["operator"] = " ".join(spec["operator"].lower().split())
+        problem = filters_mod.check_column_filter(spec) if f.ok else None
+        if problem:
+            f.err(None, problem)
+        if not f.ok:
+            o.ok = False
+            continue
+        out.append(spec)
+    return tuple(out)
 
 
 _TOP_KEYS = ("databases", "http_endpoints", "sinks")
@@ -1149,6 +1245,9 @@ def sink_spec(k: Sink, config: Config) -> SinkSpec:
         batch=k.batch, batch_size=k.batch_size, batch_timeout_ms=k.batch_timeout_ms,
         request_timeout_ms=k.request_timeout_ms, max_ack_pending=k.max_ack_pending,
         max_retry_count=k.max_retry_count, annotations=dict(k.annotations), lane_count=k.lane_count,
+        filters=tuple(dict(f) for f in k.filters), filter_sql=k.filter_sql, filter_function=k.filter_function,
+        transform_path=k.transform_path, transform_function=k.transform_function,
+        route_function=k.route_function, function_timeout_ms=k.function_timeout_ms,
     )
 
 
@@ -1428,6 +1527,13 @@ async def _write_one(conn: psycopg.AsyncConnection, c: Change) -> None:
         await conn.execute(QUERIES[query], params(c.spec))  # type: ignore[index]
     if c.kind == "endpoint" and c.action != "delete":
         await _write_endpoint_security(conn, c.spec)
+    if c.kind == "sink" and c.action != "delete":
+        k: SinkSpec = c.spec
+        await conn.execute(QUERIES["sink_functions_set"], {
+            "name": k.name, "filters": Jsonb(list(k.filters)), "filter_sql": k.filter_sql,
+            "filter_function": k.filter_function, "transform_path": k.transform_path,
+            "transform_function": k.transform_function, "route_function": k.route_function,
+            "function_timeout_ms": k.function_timeout_ms})
 
 
 async def _write_endpoint_security(conn: psycopg.AsyncConnection, e: EndpointSpec) -> None:
@@ -1706,6 +1812,13 @@ def _export_sink(k: SinkSpec) -> dict[str, Any]:
         out["annotations"] = k.annotations
     out.update(batch_timeout_ms=k.batch_timeout_ms, request_timeout_ms=k.request_timeout_ms,
                max_ack_pending=k.max_ack_pending, lane_count=k.lane_count)
+    if k.filters:
+        out["filters"] = [dict(f) for f in k.filters]
+    for (key, form), attr in _FUNCTION_FIELDS.items():
+        if (value := getattr(k, attr)) is not None:
+            out[key] = {form: value}
+    if k.function_timeout_ms != 1000:
+        out["function_timeout_ms"] = k.function_timeout_ms
     out["destination"] = {"type": "webhook", "http_endpoint": k.http_endpoint,
                           "http_endpoint_path": k.http_endpoint_path, "batch": k.batch}
     return out

@@ -20,3 +20,10 @@ where name = %(name)s
 
 -- name: endpoint_signing_get
 select signing_secrets_encrypted from pgsink.http_endpoints where name = %(name)s
+
+-- name: sink_functions_set
+update pgsink.sinks set
+    filters = %(filters)s, filter_sql = %(filter_sql)s, filter_function = %(filter_function)s,
+    transform_path = %(transform_path)s, transform_function = %(transform_function)s,
+    route_function = %(route_function)s, function_timeout_ms = %(function_timeout_ms)s, updated_at = now()
+where name = %(name)s

@@ -147,7 +147,6 @@ def test_unsupported_sink_type_names_type_and_line() -> None:
 
 
 @pytest.mark.parametrize(("snippet", "key"), [
-    ("    filters:\n      - column_name: status\n        operator: '='\n        comparison_value: x\n", "filters"),
     ("    transform: my-transform\n", "transform"),
     ("    routing: my-router\n", "routing"),
     ("    enrichment: my-enrichment\n", "enrichment"),
