@@ -21,7 +21,7 @@ from .errors import PgsinkError
 
 log = logging.getLogger("pgsink.worker")
 
-ROLES = ("reader", "delivery")
+ROLES = ("reader", "delivery", "maintenance", "backfill")
 
 
 class Stage(Protocol):
@@ -45,6 +45,14 @@ def build_stages(dsn: str, roles: Iterable[str], *, worker_id: str,
             from .deliver import DeliveryStage
 
             stages[role] = DeliveryStage(dsn, worker_id=worker_id, sinks=sinks)
+        elif role == "maintenance":
+            from .maintenance import MaintenanceStage
+
+            stages[role] = MaintenanceStage(dsn)
+        elif role == "backfill":
+            from .backfill import BackfillStage
+
+            stages[role] = BackfillStage(dsn, worker_id=worker_id)
         else:
             raise PgsinkError(f"Unknown role {role!r}; choose from {', '.join(ROLES)}.")
     return stages
