@@ -416,3 +416,129 @@ begin
     return cardinality(ids);
 end
 $$;
+
+-- ---------------------------------------------------------------- backfills
+
+-- Start a backfill of one table for a sink: full (primary key order) or
+-- partial (rows whose p_sort_column >= p_start_position).  Any worker with
+-- the backfill role picks it up.  Returns the job id.
+create function pgsink.start_backfill(
+    p_sink text, p_table text, p_sort_column text default null, p_start_position jsonb default null,
+    p_page_size integer default 1000, p_max_page_ms integer default 5000)
+returns uuid
+language plpgsql
+as $$
+declare
+    s pgsink.sinks := pgsink.sink_by_name(p_sink);
+    v_id uuid;
+begin
+    if (p_sort_column is null) <> (p_start_position is null) then
+        raise exception 'a partial backfill needs both a sort column and a start position'
+            using errcode = 'invalid_parameter_value',
+                  hint = 'Give both (sort_column => ''updated_at'', start_position => ''"2026-01-01"'') or neither.';
+    end if;
+    insert into pgsink.backfills (sink_id, table_schema, table_name, sort_column, start_position,
+                                  page_size, max_page_ms)
+    values (s.id,
+            case when position('.' in p_table) > 0 then split_part(p_table, '.', 1) else 'public' end,
+            case when position('.' in p_table) > 0 then substr(p_table, position('.' in p_table) + 1)
+                 else p_table end,
+            p_sort_column, p_start_position, p_page_size, p_max_page_ms)
+    returning id into v_id;
+    perform pg_notify('pgsink_backfills', v_id::text);
+    return v_id;
+end
+$$;
+
+-- Stop a backfill: the worker running it stops after its current page
+-- (pages already enqueued are delivered).  Returns false if it had ended.
+create function pgsink.cancel_backfill(p_id uuid) returns boolean
+language sql
+as $$
+    update pgsink.backfills set state = 'cancelled', completed_at = now(), lease_owner = null
+    where id = p_id and state in ('pending', 'running')
+    returning true
+$$;
+
+-- Backfills with their progress: rows done, estimated total, rate, ETA.
+create view pgsink.backfill_progress as
+select b.id,
+       s.name as sink,
+       b.table_schema || '.' || b.table_name as "table",
+       b.state,
+       b.rows_done,
+       greatest(b.rows_estimate, b.rows_done) as rows_estimate,
+       case when b.rows_estimate > 0
+            then least(100.0, round(100.0 * b.rows_done / b.rows_estimate, 1)) end as percent,
+       case when b.started_at is not null and coalesce(b.completed_at, now()) > b.started_at
+            then (b.rows_done / extract(epoch from coalesce(b.completed_at, now()) - b.started_at))::float8
+       end as rows_per_second,
+       case when b.state = 'running' and b.rows_done > 0 and b.rows_estimate > b.rows_done
+            then ((b.rows_estimate - b.rows_done)
+                  * extract(epoch from now() - b.started_at) / b.rows_done)::float8
+       end as eta_seconds,
+       b.page_size,
+       b.sort_column,
+       b.start_position,
+       b.cursor,
+       b.lease_owner as worker,
+       b.error,
+       b.created_at,
+       b.started_at,
+       b.completed_at
+from pgsink.backfills b
+join pgsink.sinks s on s.id = b.sink_id;
+
+comment on view pgsink.backfill_progress is
+    'Backfills with progress: rows done, estimated total, percent, rows per second, ETA in seconds.';
+
+-- Enqueue one page of a backfill as read messages, and store its cursor, in
+-- the caller's transaction (which already holds the sink's enqueue lock and
+-- has dropped the rows a newer captured change supersedes; see
+-- pgsink.engine.backfill).  Ids are taken here, after the lock, in row order.
+-- Fenced on the job's lease: raises if another worker owns the job now or
+-- it was cancelled, so the page rolls back.
+create function pgsink.enqueue_backfill_page(
+    p_backfill_id uuid, p_owner text, p_cursor jsonb, p_rows_read integer, p_page_size integer,
+    p_lease_seconds float8, p_read_at timestamptz, p_record_pks text[], p_records jsonb[])
+returns integer
+language plpgsql
+as $$
+declare
+    b pgsink.backfills;
+    s pgsink.sinks;
+    ids bigint[];
+begin
+    update pgsink.backfills
+    set cursor = p_cursor, rows_done = rows_done + p_rows_read, page_size = p_page_size,
+        lease_expires = now() + make_interval(secs => p_lease_seconds)
+    where id = p_backfill_id and lease_owner = p_owner and state = 'running'
+    returning * into b;
+    if not found then
+        raise exception 'backfill % is no longer held by %', p_backfill_id, p_owner
+            using errcode = 'lock_not_available';
+    end if;
+    if cardinality(p_records) = 0 then
+        return 0;
+    end if;
+    select * into s from pgsink.sinks where id = b.sink_id;
+    select array_agg(n.id order by n.ord) into ids
+    from (select nextval('pgsink.message_id_seq') as id, o.ord
+          from (select g as ord from generate_series(1, cardinality(p_records)) g order by g) o) n;
+    perform pgsink.ensure_partitions(null, null, ids[1], ids[cardinality(ids)]);
+    insert into pgsink.messages (id, sink_id, lane, group_key, action, commit_lsn, commit_idx,
+                                 committed_at, payload)
+    select u.id, s.id,
+           case when k.group_key is null then (u.id % s.lane_count)::smallint
+                else pgsink.lane_for(k.group_key, s.lane_count) end,
+           k.group_key, 'read', 0, 0, p_read_at,
+           jsonb_build_object('backfill_id', b.id::text, 'table_schema', b.table_schema,
+                              'table_name', b.table_name, 'record_pk', u.record_pk, 'record', u.record)
+    from unnest(ids, p_record_pks, p_records) as u(id, record_pk, record)
+    cross join lateral (
+        select pgsink.change_group_key(s, b.table_schema, b.table_name, u.record_pk, u.record) as group_key
+    ) k;
+    perform pg_notify('pgsink_messages', s.id::text);
+    return cardinality(ids);
+end
+$$;

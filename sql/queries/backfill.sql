@@ -1,0 +1,84 @@
+-- Backfill jobs (pgsink.engine.backfill).  The page query itself is built
+-- from identifiers with psycopg.sql (its table and key columns vary).
+
+-- name: backfill_claim
+-- The oldest job nobody holds (pending, or running with an expired lease:
+-- its worker died), claimed with SKIP LOCKED so workers never wait on each other.
+update pgsink.backfills b
+set state = 'running', lease_owner = %(owner)s,
+    lease_expires = now() + make_interval(secs => %(lease_seconds)s),
+    started_at = coalesce(b.started_at, now())
+where b.id = (
+    select id from pgsink.backfills
+    where state in ('pending', 'running') and (lease_expires is null or lease_expires < now())
+    order by created_at
+    limit 1
+    for update skip locked)
+returning b.id, b.sink_id, b.table_schema, b.table_name, b.sort_column, b.start_position::text,
+          b.cursor::text, b.rows_done, b.rows_estimate, b.page_size, b.max_page_ms
+
+-- name: backfill_set_estimate
+update pgsink.backfills set rows_estimate = %(estimate)s where id = %(id)s and lease_owner = %(owner)s
+
+-- name: backfill_finish
+update pgsink.backfills
+set state = %(state)s, error = %(error)s, completed_at = now(), lease_owner = null, lease_expires = null
+where id = %(id)s and lease_owner = %(owner)s and state = 'running'
+
+-- name: backfill_release
+update pgsink.backfills set lease_owner = null, lease_expires = null
+where id = %(id)s and lease_owner = %(owner)s
+
+-- name: backfill_lock_sink
+select pgsink.lock_sinks_for_enqueue(array[%(sink_id)s]::uuid[])
+
+-- name: backfill_recent_changes
+-- Captured changes of the page's rows since the page's snapshot minus a
+-- margin, with their transaction ids, to find the ones the snapshot did not see.
+select record_pk, xid
+from pgsink.changes
+where source_id = %(source_id)s and source_table_oid = %(table_oid)s
+  and record_pk = any(%(record_pks)s::text[]) and committed_at >= %(since)s
+
+-- name: backfill_enqueue_page
+select pgsink.enqueue_backfill_page(%(id)s, %(owner)s, %(cursor)s::jsonb, %(rows_read)s, %(page_size)s,
+                                    %(lease_seconds)s, %(read_at)s, %(record_pks)s::text[],
+                                    %(records)s::jsonb[])
+
+-- name: backfill_start
+select pgsink.start_backfill(%(sink)s, %(table)s, %(sort_column)s, %(start_position)s::jsonb,
+                             %(page_size)s, %(max_page_ms)s)
+
+-- name: backfill_cancel
+select pgsink.cancel_backfill(%(id)s)
+
+-- name: backfill_list
+select id, sink, "table", state, rows_done, rows_estimate, percent, rows_per_second, eta_seconds,
+       page_size, sort_column, start_position::text, cursor::text, worker, error, created_at, started_at,
+       completed_at
+from pgsink.backfill_progress
+where %(id)s::uuid is null or id = %(id)s::uuid
+order by created_at desc
+
+-- name: source_table_info
+-- On the source: the table's oid, its primary key columns in key order, and
+-- its estimated row count.
+select c.oid::bigint,
+       coalesce((select array_agg(a.attname::text order by array_position(i.indkey::int2[], a.attnum))
+                 from pg_index i
+                 join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+                 where i.indrelid = c.oid and i.indisprimary), '{}') as pk,
+       greatest(c.reltuples, 0)::bigint as estimate
+from pg_class c
+where c.oid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text))
+
+-- name: source_snapshot
+-- First statement of the page's REPEATABLE READ transaction: fixes its snapshot.
+select pg_current_snapshot()::text, now()
+
+-- name: source_page_transaction
+set transaction isolation level repeatable read, read only
+
+-- name: source_page_timeout
+-- A page query over its limit is cancelled; the stage halves the page and retries.
+select set_config('statement_timeout', %(timeout)s, true)

@@ -1,0 +1,210 @@
+"""Backfills end to end: real source table, real delivery to a receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgsink.engine.backfill import BackfillStage, Snapshot, next_page_size
+from pgsink.engine.capture import CaptureStage, ReaderSettings
+from pgsink.engine.deliver import DeliveryStage
+from tests.helpers import add_sink, add_source
+from tests.queue_helpers import scalar, wait_for
+from tests.receiver import Receiver, start_receiver
+
+FAST = dict(poll_interval=0.1, backoff_base=0.05, backoff_cap=0.4, lease_seconds=5.0, shutdown_grace=5.0)
+READER = ReaderSettings(flush_interval=0.005, status_interval=0.5, standby_poll=0.2, reconnect_min=0.1,
+                        reconnect_max=1.0, config_poll=0.5)
+
+
+@asynccontextmanager
+async def stages(*running: Any) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(s.run()) for s in running]
+    try:
+        yield
+    finally:
+        for s in running:
+            s.stop()
+        for r in await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30):
+            if isinstance(r, BaseException):
+                raise r
+
+
+def delivery(dsn: str) -> DeliveryStage:
+    return DeliveryStage(dsn, worker_id="d", **FAST)  # type: ignore[arg-type]
+
+
+def backfiller(dsn: str, name: str = "b", **kw: Any) -> BackfillStage:
+    return BackfillStage(dsn, worker_id=name, poll_interval=0.1, **kw)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rcv = await start_receiver()
+    yield rcv
+    await rcv.close()
+
+
+async def setup_table(conn: psycopg.AsyncConnection, dsn: str, url: str, rows: int, **sink: Any) -> Any:
+    await conn.execute("create table items (id int primary key, n int not null, note text)")
+    await conn.execute("insert into items select g, mod(g, 1000), 'row ' || g from generate_series(1, %s) g", (rows,))
+    await conn.execute("create index on items (n)")
+    await conn.execute("analyze items")
+    source_id = await add_source(conn, dsn, create=False, slot="unused")
+    return await add_sink(conn, source_id, url=url, **{"batch_size": 100, **sink})
+
+
+def reads(receiver: Receiver) -> list[dict[str, Any]]:
+    return [m for m in receiver.delivered() if m["action"] == "read"]
+
+
+async def test_full_backfill_delivers_every_row_once_as_read(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    await setup_table(aconn, fresh_db, receiver.url, 2500)
+    bid = await scalar(aconn, "select pgsink.start_backfill('sink', 'items', p_page_size => 300)")
+    async with stages(backfiller(fresh_db), delivery(fresh_db)):
+        await receiver.wait_until(lambda: len(reads(receiver)) >= 2500, timeout=60, what="every row")
+        await wait_for(lambda: scalar(aconn, "select state = 'completed' from pgsink.backfills"), what="done")
+    got = reads(receiver)
+    assert sorted(m["record"]["id"] for m in got) == list(range(1, 2501))
+    first = next(m for m in got if m["record"]["id"] == 7)
+    assert first["record"] == {"id": 7, "n": 7, "note": "row 7"}
+    assert first["metadata"]["table_schema"] == "public" and first["metadata"]["table_name"] == "items"
+    assert first["metadata"]["idempotency_key"] == base64.b64encode(f"{bid}:7".encode()).decode()
+    assert first["changes"] is None
+    progress = await (await aconn.execute(
+        "select state, rows_done, rows_estimate, percent, rows_per_second > 0, eta_seconds"
+        " from pgsink.backfill_progress")).fetchone()
+    assert progress == ("completed", 2500, 2500, 100.0, True, None)
+    # same group and lane as capture would give: "public.items:<pk>"
+    assert await scalar(aconn, "select count(*) from pgsink.messages where group_key = 'public.items:' ||"
+                               " (payload->>'record_pk') and lane = pgsink.lane_for(group_key, 64)") == 2500
+
+
+async def test_partial_backfill_starts_at_the_position(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    await setup_table(aconn, fresh_db, receiver.url, 3000)
+    await aconn.execute("select pgsink.start_backfill('sink', 'public.items', 'n', '990', 50)")
+    async with stages(backfiller(fresh_db), delivery(fresh_db)):
+        await wait_for(lambda: scalar(aconn, "select state = 'completed' from pgsink.backfills"), what="done")
+        await receiver.wait_until(lambda: len(reads(receiver)) >= 30, what="rows with n >= 990")
+    got = reads(receiver)
+    assert sorted(m["record"]["id"] for m in got) == sorted(i for i in range(1, 3001) if i % 1000 >= 990)
+    assert len(got) == 30
+
+
+async def test_a_stopped_backfill_resumes_from_its_cursor_without_duplicates(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    await setup_table(aconn, fresh_db, receiver.url, 3000)
+    await aconn.execute("select pgsink.start_backfill('sink', 'items', p_page_size => 100)")
+    first = backfiller(fresh_db, "first", max_page_size=100)
+    async with stages(first):
+        await wait_for(lambda: scalar(aconn, "select rows_done >= 500 from pgsink.backfills"), what="5 pages")
+    done, cursor, owner = await (await aconn.execute(
+        "select rows_done, cursor, lease_owner from pgsink.backfills")).fetchone()  # type: ignore[misc]
+    assert done < 3000 and cursor == {"id": done} and owner is None
+    # a worker that died mid-job: its lease expires and another takes over
+    await aconn.execute("update pgsink.backfills set lease_owner = 'dead', lease_expires = now() - interval '1 s'")
+    async with stages(backfiller(fresh_db, "second"), delivery(fresh_db)):
+        await wait_for(lambda: scalar(aconn, "select state = 'completed' from pgsink.backfills"), what="done")
+        await receiver.wait_until(lambda: len(reads(receiver)) >= 3000, what="every row")
+    counts = Counter(m["record"]["id"] for m in reads(receiver))
+    assert sorted(counts) == list(range(1, 3001)) and max(counts.values()) == 1
+
+
+async def test_cancel_and_failures_are_recorded(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    await setup_table(aconn, fresh_db, receiver.url, 10)
+    await aconn.execute("create table nokey (a int)")
+    await aconn.execute("select pgsink.start_backfill('sink', 'nokey')")
+    await aconn.execute("select pgsink.start_backfill('sink', 'missing')")
+    cancelled = await scalar(aconn, "select pgsink.start_backfill('sink', 'items')")
+    assert await scalar(aconn, "select pgsink.cancel_backfill(%s)", cancelled) is True
+    assert await scalar(aconn, "select pgsink.cancel_backfill(%s)", cancelled) is None
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="both a sort column and a start position"):
+        await aconn.execute("select pgsink.start_backfill('sink', 'items', 'n')")
+    async with stages(backfiller(fresh_db)):
+        await wait_for(lambda: scalar(aconn, "select count(*) = 2 from pgsink.backfills where state = 'failed'"),
+                       what="both failed")
+    rows = await (await aconn.execute("select \"table\", state, error from pgsink.backfill_progress"
+                                      " order by created_at")).fetchall()
+    assert rows[0][:2] == ("public.nokey", "failed") and "has no primary key" in rows[0][2]
+    assert rows[1][:2] == ("public.missing", "failed") and "does not exist" in rows[1][2]
+    assert rows[2][:2] == ("public.items", "cancelled")
+    assert await scalar(aconn, "select count(*) from pgsink.messages") == 0
+
+
+async def test_reads_never_overwrite_newer_changes_under_concurrent_writes(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    """Invariant 5: hammer updates and deletes on the rows being backfilled; per row, the last
+    message the receiver got is the row's final state (or its delete)."""
+    await aconn.execute("create table items (id int primary key, n int not null, note text)")
+    await aconn.execute("insert into items select g, 0, 'v0' from generate_series(1, 2000) g")
+    await aconn.execute("create table marker (id int primary key)")
+    source_id = await add_source(aconn, fresh_db)
+    await add_sink(aconn, source_id, url=receiver.url, batch_size=50)
+    capture = CaptureStage(fresh_db, settings=READER)
+    async with stages(capture, delivery(fresh_db)):
+        await wait_for(lambda: scalar(aconn, "select count(*) = 1 from pg_replication_slots where active"),
+                       what="the reader to stream")
+        await aconn.execute("select pgsink.start_backfill('sink', 'items', p_page_size => 100)")
+        rng = random.Random(5)
+        async with stages(backfiller(fresh_db, max_page_size=100)):
+            async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as writer:
+                for i in range(400):
+                    ids = rng.sample(range(1, 2001), 5)
+                    async with writer.transaction():
+                        for rid in ids[:4]:
+                            await writer.execute("update items set n = n + 1, note = %s where id = %s",
+                                                 (f"v{i}", rid))
+                        await writer.execute("delete from items where id = %s", (ids[4],))
+                    if i % 50 == 0:
+                        await asyncio.sleep(0.01)  # ok-sleep: let pages interleave with the writes
+                await writer.execute("insert into marker values (1)")  # captured after every write above
+            await wait_for(lambda: scalar(aconn, "select state = 'completed' from pgsink.backfills"),
+                           timeout=60, what="the backfill")
+        await wait_for(lambda: scalar(aconn, "select count(*) = 1 from pgsink.changes"
+                                             " where source_table_name = 'marker'"), what="capture to catch up")
+        final = {r[0]: r for r in await (await aconn.execute("select id, n, note from items")).fetchall()}
+        changed = await scalar(aconn, "select count(*) from pgsink.changes")
+        total = await scalar(aconn, "select count(*) from pgsink.messages")
+        await receiver.wait_until(lambda: len(receiver.delivered()) >= total, timeout=60, what="everything")
+    last: dict[int, dict[str, Any]] = {}
+    for m in receiver.delivered():
+        if m["metadata"]["table_name"] == "items":
+            last[m["record"]["id"]] = m
+    wrong = []
+    for rid in range(1, 2001):
+        m = last.get(rid)
+        if rid in final:
+            _, n, note = final[rid]
+            if m is None or m["action"] == "delete" or (m["record"]["n"], m["record"]["note"]) != (n, note):
+                wrong.append((rid, m and m["action"], m and m["record"], final[rid]))
+        elif m is None or m["action"] != "delete":
+            wrong.append((rid, m and m["action"], m and m["record"], "deleted"))
+    assert not wrong, f"{len(wrong)} rows end in a stale state, e.g. {wrong[:3]}"
+    assert changed >= 1000 and any(m["action"] == "read" for m in receiver.delivered())
+
+
+def test_snapshot_visibility_with_32_bit_xids() -> None:
+    s = Snapshot.parse("100:110:103,105")
+    assert s.sees(99) and s.sees(104) and not s.sees(103) and not s.sees(110) and not s.sees(200)
+    wrapped = Snapshot.parse(f"{(1 << 32) + 5}:{(1 << 32) + 10}:")
+    assert wrapped.sees((1 << 32) - 3)  # before the wrap: an older transaction
+    assert wrapped.sees(6) and not wrapped.sees(10) and not wrapped.sees(11)
+
+
+def test_page_size_adapts_to_the_time_limit() -> None:
+    assert next_page_size(1000, 1000, 3000, 5000, 10_000) == 500
+    assert next_page_size(1000, 1000, 100, 5000, 10_000) == 2000
+    assert next_page_size(8000, 8000, 100, 5000, 10_000) == 10_000
+    assert next_page_size(1000, 1000, 1000, 5000, 10_000) == 1000
+    assert next_page_size(15, 15, 4000, 5000, 10_000) == 10
