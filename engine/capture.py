@@ -39,8 +39,10 @@ from .decode import (
     standby_status_update,
 )
 from .errors import PgsinkError
+from .filters import Predicate, sink_predicate
 from .ingest import TX_COMPLETE, IngestBuffer, LeadershipLost, PendingChange, Position, record_key
 from .queries import QUERIES
+from .userfunc import UserFunctionError
 from .values import TypeRegistry
 from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
 
@@ -84,6 +86,8 @@ class SourceReader:
         self.sinks: list[model.Sink] = []
         # (table oid, action) -> the sinks its changes go to; rebuilt on config or relation changes
         self._routes: dict[tuple[int, str], list[tuple[bytes, int, bool, tuple[str, ...] | None]]] = {}
+        self._predicates: dict[bytes, tuple[model.Sink, Predicate]] = {}  # sinks with filters (engine.filters)
+        self._filtering = False
         self.is_leader = asyncio.Event()
         self._flusher: Flusher
         self._stop = asyncio.Event()
@@ -281,6 +285,8 @@ class SourceReader:
         targets = self._routes.get(route)
         if targets is None:
             targets = self._routes[route] = self._route(change)
+        if self._filtering and targets:
+            targets = [t for t in targets if self._passes(t[0], change, tx, idx)]
         messages = [(sink_key, lanes, self._group_key(grouping, columns, change, record_pk))
                     for sink_key, lanes, grouping, columns in targets]
         buffer.add(PendingChange(tx.commit_lsn, idx, tx.xid, tx.committed_at, tx.committed_text, change,
@@ -291,6 +297,40 @@ class SourceReader:
         return [(str(s.id).encode(), s.lane_count, s.message_grouping, s.group_columns(change.schema, change.table))
                 for s in self.sinks
                 if change.action in s.actions and s.matches_table(change.schema, change.table)]
+
+    def _passes(self, sink_key: bytes, change: RowChange, tx: _Tx, idx: int) -> bool:
+        """The sink's filters (column, SQL, Python) at enqueue time; on an error the change is kept."""
+        entry = self._predicates.get(sink_key)
+        if entry is None:
+            return True
+        sink, predicate = entry
+        metadata = {"table_schema": change.schema, "table_name": change.table,
+                    "commit_timestamp": tx.committed_text.decode(), "commit_lsn": tx.commit_lsn, "commit_idx": idx,
+                    "transaction_annotations": orjson.loads(tx.annotations) if tx.annotations else None,
+                    "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
+        try:
+            return predicate(change.action, change.record, change.changes, metadata)
+        except UserFunctionError as e:
+            log.warning("sink %s: filter failed on %s.%s at %d/%d, the change is queued anyway: %s", sink.name,
+                        change.schema, change.table, tx.commit_lsn, idx, e.describe(), extra=self._log_extra)
+            return True
+
+    def _compile_filters(self) -> None:
+        """Build each sink's filter predicate once per config; a broken one lets every change through."""
+        self._predicates = {}
+        for sink in self.sinks:
+            if not sink.has_filters:
+                continue
+            try:
+                predicate = sink_predicate(sink.filters, sink.filter_sql, sink.filter_function,
+                                           timeout=sink.function_timeout_ms / 1000, what=f"sink {sink.name}: filter")
+            except PgsinkError as e:
+                log.error("sink %s: its filters cannot be used (%s); every change is queued for it until "
+                          "they are fixed", sink.name, e, extra=self._log_extra)
+                continue
+            if predicate is not None:
+                self._predicates[str(sink.id).encode()] = (sink, predicate)
+        self._filtering = bool(self._predicates)
 
     @staticmethod
     def _group_key(grouping: bool, columns: tuple[str, ...] | None, change: RowChange,
@@ -334,6 +374,7 @@ class SourceReader:
         if sinks != self.sinks:
             self.sinks = sinks
             self._routes.clear()
+            self._compile_filters()
 
 
 # The value formats the decoders parse fastest and exactly (values.py relies on them).

@@ -1,0 +1,63 @@
+"""Filters at enqueue time, through the real reader: a change failing a sink's filters is not queued for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import orjson
+import psycopg
+
+from tests.helpers import add_sink, add_source, fetchval, wait_for
+from tests.integration.test_capture import _source, running_reader
+
+
+async def _queued(conn: psycopg.AsyncConnection, sink_id: UUID) -> list[tuple[str, str]]:
+    cur = await conn.execute(
+        "select m.action, c.record_pk from pgsink.messages m join pgsink.changes c"
+        " on (c.commit_lsn, c.commit_idx, c.committed_at) = (m.commit_lsn, m.commit_idx, m.committed_at)"
+        " where m.sink_id = %s order by m.id", (sink_id,))
+    return [(r[0], r[1]) for r in await cur.fetchall()]
+
+
+async def test_column_sql_and_python_filters_decide_what_each_sink_queues(
+        aconn: psycopg.AsyncConnection, fresh_db: str, tmp_path: Path) -> None:
+    await aconn.execute("create table orders (id int primary key, status text, amount numeric, doc jsonb)")
+    await aconn.execute("alter table orders replica identity full")
+    source_id = await add_source(aconn, fresh_db)
+    everything = await add_sink(aconn, source_id, name="all")
+    by_column = await add_sink(aconn, source_id, name="col", filters=orjson.dumps([
+        {"column_name": "status", "operator": "in", "comparison_value": ["paid", "shipped"]},
+        {"column_name": "doc", "field_path": "address.city", "operator": "=", "comparison_value": "Paris",
+         "field_type": "string"}]).decode())
+    by_sql = await add_sink(aconn, source_id, name="sql",
+                            filter_sql="amount > 100 and (action = 'insert' or changes ? 'status')")
+    hook = tmp_path / "only_even.py"
+    hook.write_text("def filter(action, record, changes, metadata):\n"
+                    "    assert metadata['table_name'] == 'orders' and metadata['consumer']['name'] == 'py'\n"
+                    "    return record['id'] % 2 == 0\n")
+    by_python = await add_sink(aconn, source_id, name="py", filter_function=str(hook))
+    failing = tmp_path / "raises.py"
+    failing.write_text("def filter(action, record, changes, metadata):\n    raise ValueError('nope')\n")
+    fail_open = await add_sink(aconn, source_id, name="fails", filter_function=str(failing))
+    source = await _source(aconn, source_id)
+    async with running_reader(fresh_db, source):
+        await wait_for(lambda: fetchval(aconn, "select count(*) from pg_replication_slots where slot_name = %s"
+                                        " and active", (source.slot_name,)), what="the slot to stream")
+        await aconn.execute(
+            "insert into orders values (1, 'paid', 150.5, '{\"address\": {\"city\": \"Paris\"}}'),"
+            " (2, 'new', 99.99, '{\"address\": {\"city\": \"Paris\"}}'), (3, 'shipped', 500, '{}'), (4, 'paid', 101, null)")
+        await aconn.execute("update orders set amount = 200 where id = 1")      # status unchanged
+        await aconn.execute("update orders set status = 'paid' where id = 2")   # amount too small
+        await aconn.execute("update orders set status = 'shipped' where id = 4")
+        await wait_for(lambda: _count(aconn, 7), what="7 changes")
+    assert len(await _queued(aconn, everything)) == 7
+    assert await _queued(aconn, by_column) == [("insert", "1"), ("update", "1"), ("update", "2")]
+    assert await _queued(aconn, by_sql) == [("insert", "1"), ("insert", "3"), ("insert", "4"), ("update", "4")]
+    assert await _queued(aconn, by_python) == [("insert", "2"), ("insert", "4"), ("update", "2"), ("update", "4")]
+    assert len(await _queued(aconn, fail_open)) == 7  # a raising filter never loses a change
+
+
+async def _count(conn: psycopg.AsyncConnection, n: int) -> Any:
+    return await fetchval(conn, "select count(*) from pgsink.changes") >= n
