@@ -56,9 +56,12 @@ import psycopg
 from psycopg import sql
 
 from . import db
+from .capture import SESSION_OPTIONS
 from .errors import PgsinkError
+from .ingest import record_key
 from .model import load_config
 from .queries import QUERIES
+from .values import TypeRegistry, dumps
 
 log = logging.getLogger("pgsink.backfill")
 
@@ -106,7 +109,7 @@ class Job:
 
 @dataclass
 class Page:
-    records: list[str]      # to_jsonb(row) text
+    records: list[str]      # JSON text, values converted as capture converts them
     record_pks: list[str]
     cursor: str | None      # after the last row
     snapshot: Snapshot
@@ -179,7 +182,8 @@ class BackfillStage:
                 return
             source = config.sources[sink.source_id]
             try:
-                async with db.connection(source.dsn(), autocommit=True) as src:
+                # the reader's session settings: values print (and convert) exactly as in captured changes
+                async with db.connection(source.dsn(options=SESSION_OPTIONS), autocommit=True) as src:
                     await self._pages(job, state, src, source.id)
             except JobLost:
                 log.info("backfill %s was cancelled or taken over; stopping", job.id, extra=extra)
@@ -199,14 +203,18 @@ class BackfillStage:
             raise PgsinkError(f"table {job.schema}.{job.table} has no primary key: a backfill pages by it "
                               "(add one, or give the table a primary key before backfilling)")
         keys = [job.sort_column, *[c for c in pk if c != job.sort_column]] if job.sort_column else list(pk)
+        cur = await src.execute(QUERIES["source_table_columns"], {"oid": table_oid})
+        columns: list[tuple[str, int]] = [(r[0], r[1]) for r in await cur.fetchall()]
+        types = TypeRegistry()
+        await types.load(src, {oid for _, oid in columns})
         if job.rows_estimate is None:
             await state.execute(QUERIES["backfill_set_estimate"],
                                 {"id": job.id, "owner": self.owner, "estimate": estimate})
-        query = self._page_query(job, keys, pk)
+        query = self._page_query(job, keys, [name for name, _ in columns])
         cursor, size = job.cursor, job.page_size
         while not self._stop.is_set():
             try:
-                page = await self._read_page(src, query, job, cursor, size)
+                page = await self._read_page(src, query, job, cursor, size, columns, types, list(pk))
             except psycopg.errors.QueryCanceled:
                 size = max(10, size // 2)
                 log.info("backfill %s: page over its time limit; page size now %d", job.id, size)
@@ -222,7 +230,7 @@ class BackfillStage:
         async with db.connection(self.dsn, autocommit=True) as conn:  # stopping: let another worker resume
             await conn.execute(QUERIES["backfill_release"], {"id": job.id, "owner": self.owner})
 
-    def _page_query(self, job: Job, keys: list[str], pk: list[str]) -> dict[str, sql.Composed]:
+    def _page_query(self, job: Job, keys: list[str], columns: list[str]) -> dict[str, sql.Composed]:
         """``select ... where (keys) > (cursor) order by keys limit n``, built from identifiers only."""
         table = sql.Identifier(job.schema, job.table)
         cols = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in keys)
@@ -232,11 +240,10 @@ class BackfillStage:
         start = sql.SQL(
             "(select r.{} from jsonb_populate_record(null::{}, jsonb_build_object({}, %(start)s::jsonb)) r)"
         ).format(sql.Identifier(keys[0]), table, sql.Literal(keys[0]))
-        record_pk = sql.SQL(" || ',' || ").join(sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in pk)
+        values = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in columns)
         cursor_json = sql.SQL(", ").join(
             sql.SQL("{}, t.{}").format(sql.Literal(k), sql.Identifier(k)) for k in keys)
-        head = sql.SQL("select to_jsonb(t)::text, {}, jsonb_build_object({})::text from {} t").format(
-            record_pk, cursor_json, table)
+        head = sql.SQL("select jsonb_build_object({})::text, {} from {} t").format(cursor_json, values, table)
         tail = sql.SQL(" order by {} limit %(limit)s").format(cols)
         # each shape is a plain index range scan (no CASE in the WHERE): the
         # first page (all rows, or from the start position), then after the cursor
@@ -245,7 +252,8 @@ class BackfillStage:
         return {"first": first, "next": head + sql.SQL(" where ({}) > ({})").format(cols, from_cursor) + tail}
 
     async def _read_page(self, src: psycopg.AsyncConnection, queries: dict[str, sql.Composed], job: Job,
-                         cursor: str | None, size: int) -> Page:
+                         cursor: str | None, size: int, columns: list[tuple[str, int]], types: TypeRegistry,
+                         pk: list[str]) -> Page:
         async with src.transaction():
             await src.execute(QUERIES["source_page_transaction"])
             await src.execute(QUERIES["source_page_timeout"], {"timeout": f"{job.max_page_ms * 2}ms"})
@@ -256,8 +264,13 @@ class BackfillStage:
             cur = await src.execute(query, {"cursor": cursor, "start": job.start_position, "limit": size})
             rows = await cur.fetchall()
             elapsed_ms = (time.monotonic() - started) * 1000
-        return Page([r[0] for r in rows], [r[1] for r in rows], rows[-1][2] if rows else cursor,
-                    Snapshot.parse(snap_text), read_at, elapsed_ms)
+        records, record_pks = [], []
+        for r in rows:  # the converters capture uses: a read's record looks like a change's
+            record = {name: types.convert(oid, text) for (name, oid), text in zip(columns, r[1:], strict=True)}
+            records.append(dumps(record).decode())
+            record_pks.append(record_key(record, pk))
+        return Page(records, record_pks, rows[-1][0] if rows else cursor, Snapshot.parse(snap_text), read_at,
+                    elapsed_ms)
 
     async def _enqueue(self, state: psycopg.AsyncConnection, job: Job, page: Page, table_oid: int,
                        source_id: UUID, next_size: int) -> None:

@@ -82,3 +82,9 @@ set transaction isolation level repeatable read, read only
 -- name: source_page_timeout
 -- A page query over its limit is cancelled; the stage halves the page and retries.
 select set_config('statement_timeout', %(timeout)s, true)
+
+-- name: source_table_columns
+select attname::text, atttypid::bigint
+from pg_attribute
+where attrelid = %(oid)s::oid and attnum > 0 and not attisdropped
+order by attnum

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -208,3 +209,29 @@ def test_page_size_adapts_to_the_time_limit() -> None:
     assert next_page_size(8000, 8000, 100, 5000, 10_000) == 10_000
     assert next_page_size(1000, 1000, 1000, 5000, 10_000) == 1000
     assert next_page_size(15, 15, 4000, 5000, 10_000) == 10
+
+
+async def test_a_read_record_is_the_same_json_as_a_captured_change(
+        fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    await aconn.execute("create type mood as enum ('ok', 'meh')")
+    await aconn.execute("create table typed (a numeric, b text, c timestamptz, d jsonb, e bytea, f int[],"
+                        " g mood, h float8, primary key (b, a))")
+    source_id = await add_source(aconn, fresh_db)
+    await add_sink(aconn, source_id)
+    async with stages(CaptureStage(fresh_db, settings=READER)):
+        await wait_for(lambda: scalar(aconn, "select count(*) = 1 from pg_replication_slots where active"),
+                       what="the reader to stream")
+        await aconn.execute("insert into typed values (123.4500, 'x,y', '2026-11-27 10:00:00.5+02',"
+                            " '{\"n\": 1.10}', '\\x00ff', '{1,2}', 'meh', 0.1)")
+        await wait_for(lambda: scalar(aconn, "select count(*) = 1 from pgsink.changes"), what="the insert")
+        await aconn.execute("select pgsink.start_backfill('sink', 'typed')")
+        async with stages(backfiller(fresh_db)):
+            await wait_for(lambda: scalar(aconn, "select state = 'completed' from pgsink.backfills"), what="done")
+    change = await (await aconn.execute("select record::text, record_pk from pgsink.changes")).fetchone()
+    read = await (await aconn.execute("select payload->'record', payload->>'record_pk', group_key"
+                                      " from pgsink.messages where action = 'read'")).fetchone()
+    captured = await (await aconn.execute("select group_key from pgsink.messages where action = 'insert'")).fetchone()
+    assert change is not None and read is not None and captured is not None
+    assert read[0] == json.loads(change[0])
+    assert read[1] == change[1] == "x,y,123.4500"
+    assert read[2] == captured[0]  # same group (and lane) as the row's changes
