@@ -39,7 +39,8 @@ from . import queue as q
 from .errors import PgsinkError
 from .model import Config, HttpEndpoint, Sink, config_version, load_config
 from .queries import QUERIES
-from .render import RenderContext, RequestTarget, idempotency_key, render_body
+from .render import RenderContext, RequestTarget, idempotency_key, join_url, render_body
+from .sink_functions import DEFAULT_ROUTE, Prepared, SinkFunctions, render_transformed
 from .signing import batch_id, sign_headers
 
 log = logging.getLogger("pgsink.deliver")
@@ -96,6 +97,15 @@ async def _excerpt(resp: aiohttp.ClientResponse) -> str | None:
     return raw.decode("utf-8", "replace").replace("\x00", "")
 
 
+USER_ERROR_LIMIT = 16_384
+"""Characters of a user function's error and traceback kept in the attempt row."""
+
+
+def _sendable(m: q.QueuedMessage) -> bool:
+    """A message the request would carry (not parked behind its group, not pruned)."""
+    return m.renderable and not m.group_blocked
+
+
 def _honour_retry_after(fate: q.FailurePlan, seconds: float) -> q.FailurePlan:
     """The endpoint said when to come back (Retry-After): wait at least that long."""
     if fate.kind == "backoff":
@@ -114,6 +124,7 @@ class _SinkSetup:
     ctx: RenderContext
     target: RequestTarget
     endpoint: HttpEndpoint | None = None
+    functions: SinkFunctions | None = None  # transform / route
 
 
 class DeliveryStage:
@@ -250,12 +261,24 @@ class DeliveryStage:
         if wait > 0:
             await asyncio.sleep(wait)  # the rate limit itself, not a synchronisation
 
-    async def post(self, setup: _SinkSetup, messages: list[q.QueuedMessage]) -> q.Attempt:
-        """POST one batch; any outcome becomes an Attempt (never raises for HTTP trouble)."""
-        plain = render_body(messages, setup.ctx)
+    async def post(self, setup: _SinkSetup, messages: list[q.QueuedMessage],
+                   prepared: Prepared | None = None) -> q.Attempt:
+        """POST one batch; any outcome becomes an Attempt (never raises for HTTP trouble or user functions)."""
+        if prepared is not None and prepared.error is not None:  # a transform or route failed: nothing to send
+            return q.Attempt([m.id for m in messages], datetime.now(UTC), 0, None, None,
+                             prepared.error.describe()[:USER_ERROR_LIMIT], False)
+        route = prepared.route if prepared is not None else DEFAULT_ROUTE
+        if prepared is not None and prepared.bodies:
+            plain = render_transformed(messages, prepared.bodies, setup.ctx)
+        else:
+            plain = render_body(messages, setup.ctx)
         body = setup.target.encode(plain)
         headers = dict(setup.target.headers)
+        headers.update(route.headers)
         endpoint = setup.endpoint
+        url = setup.target.url
+        if route.endpoint_path is not None and endpoint is not None:
+            url = join_url(endpoint.url, route.endpoint_path)
         if endpoint is not None and endpoint.signing is not None:
             msg_id = (idempotency_key(messages[0]) if len(messages) == 1
                       else batch_id([idempotency_key(m) for m in messages]))
@@ -273,11 +296,11 @@ class DeliveryStage:
             ssl_option: Any = True
             if endpoint is not None:
                 if endpoint.block_private_addresses:
-                    safety.check_url_host(setup.target.url)
+                    safety.check_url_host(url)
                 if endpoint.ca_bundle:
                     ssl_option = safety.ssl_context(endpoint.ca_bundle)
-            async with self._session_for(endpoint).post(
-                setup.target.url, data=body, headers=headers, allow_redirects=False, ssl=ssl_option,
+            async with self._session_for(endpoint).request(
+                route.method, url, data=body, headers=headers, allow_redirects=False, ssl=ssl_option,
                 timeout=aiohttp.ClientTimeout(total=timeout_ms / 1000),
             ) as resp:
                 status = resp.status
@@ -372,7 +395,8 @@ class DeliveryStage:
             endpoint = config.endpoints[sink.http_endpoint_id]
             source = config.sources[sink.source_id]
             wanted[sink.id] = _SinkSetup(sink, RenderContext.for_sink(sink, source),
-                                         RequestTarget.for_sink(sink, endpoint), endpoint)
+                                         RequestTarget.for_sink(sink, endpoint), endpoint,
+                                         SinkFunctions.for_sink(sink))
         for name in (self.sink_filter or set()) - seen - self._warned_missing:
             log.warning("sink %r is not configured; nothing to deliver for it", name)
             self._warned_missing.add(name)
@@ -575,10 +599,14 @@ class _SinkRunner:
         if not messages:  # nothing to do, or stopping: give the lane back
             await stage.with_conn(q.release_lane, lease, stage.owner)
             return None, None
+        prepared = None
+        if setup.functions is not None:  # cut the batch at a route change or a failing function
+            prepared = setup.functions.prepare(messages, setup.ctx, _sendable)
+            messages = prepared.messages
         plan = q.plan_batch(messages)
         for m in plan.broken:
             log.error("sink %s: message %d has no change row (pruned?); discarded", setup.sink.name, m.id)
-        attempt = await stage.post(setup, plan.deliver) if plan.deliver else None
+        attempt = await stage.post(setup, plan.deliver, prepared) if plan.deliver else None
         going_on = keep and len(messages) >= limit and not self.halted
         if attempt is not None and attempt.delivered and plan.simple:
             if going_on:
@@ -703,7 +731,11 @@ class _SinkRunner:
                                              stage.owner):
                     await stage.with_conn(q.release_parked_group, lease, stage.owner)
                 return
-            attempt = await stage.post(setup, messages)
+            prepared = None
+            if setup.functions is not None:
+                prepared = setup.functions.prepare(messages, setup.ctx, _sendable)
+                messages = prepared.messages
+            attempt = await stage.post(setup, messages, prepared)
             if attempt.delivered:
                 if not await stage.with_conn(q.ack_parked, lease, stage.owner, attempt):
                     log.warning("sink %s: lease of parked group %r was lost before its ack",
