@@ -9,6 +9,7 @@ encrypted header value.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import sys
@@ -24,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pgsink.engine import config as cfg
-from pgsink.engine import signing
+from pgsink.engine import signing, sink_functions
 from pgsink.engine import source as src_checks
 from pgsink.engine.errors import ConfigError, PgsinkError
 from pgsink.engine.model import Config, Source
@@ -424,6 +425,22 @@ def _group_columns(values: list[str] | None) -> list[dict[str, Any]] | None:
     return out
 
 
+def _column_filters(values: list[str] | None) -> list[Any] | None:
+    if not values:
+        return None
+    out = []
+    for v in values:
+        try:
+            out.append(json.loads(v))
+        except ValueError:
+            raise typer.BadParameter(f"not JSON: {v!r}", param_hint="--column-filter") from None
+    return out
+
+
+def _function(form: str, value: str | None) -> dict[str, str] | None:
+    return {form: value} if value is not None else None
+
+
 @sink_app.command("create")
 def sink_create(
     name: Annotated[str, typer.Argument(help="Name of the sink.")],
@@ -446,6 +463,13 @@ def sink_create(
     lane_count: Annotated[int | None, typer.Option("--lane-count", help="Parallel ordered lanes (default 64; fixed after creation).")] = None,
     status: Annotated[str | None, typer.Option("--status", help="active (default), paused or disabled.")] = None,
     annotation: Annotated[list[str] | None, typer.Option("--annotation", help="KEY=VALUE, sent in every message's metadata.")] = None,
+    filter_json: Annotated[list[str] | None, typer.Option("--column-filter", help='A column filter as JSON, e.g. \'{"column_name": "status", "operator": "=", "comparison_value": "paid"}\' (repeatable).')] = None,
+    filter_sql: Annotated[str | None, typer.Option("--filter-sql", help="Only changes for which this SQL expression over the row is true, e.g. \"status = 'paid' and amount > 100\".")] = None,
+    filter_function: Annotated[str | None, typer.Option("--filter-function", help="Python filter: module:function or path/to/file.py (def filter(action, record, changes, metadata)).")] = None,
+    transform_path: Annotated[str | None, typer.Option("--transform-path", help="Send only this part of each message, e.g. record or record.id.")] = None,
+    transform_function: Annotated[str | None, typer.Option("--transform-function", help="Python transform: module:function or file.py (def transform(...) -> body).")] = None,
+    route_function: Annotated[str | None, typer.Option("--route-function", help="Python routing: module:function or file.py (def route(...) -> {method, endpoint_path, headers}).")] = None,
+    function_timeout_ms: Annotated[int | None, typer.Option("--function-timeout-ms", help="Cut off a filter, transform or route call after this long (default 1000).")] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create a sink; checks that its tables exist and are published first."""
@@ -460,6 +484,10 @@ def sink_create(
         "max_ack_pending": max_ack_pending, "max_retry_count": max_retry_count, "lane_count": lane_count,
         "status": status, "annotations": _pairs(annotation, "--annotation") or None,
         "destination": {"type": "webhook", "http_endpoint": endpoint, "http_endpoint_path": path, "batch": batch},
+        "filters": _column_filters(filter_json), "function_timeout_ms": function_timeout_ms,
+        "filter": _function("sql", filter_sql) or _function("python", filter_function),
+        "transform": _function("path", transform_path) or _function("python", transform_function),
+        "routing": _function("python", route_function),
     }
 
     async def go() -> cfg.ApplyResult:
@@ -509,8 +537,41 @@ def sink_show(
         ("max ack pending", str(s.max_ack_pending)),
         ("max retry count", "unlimited" if s.max_retry_count is None else str(s.max_retry_count)),
         ("lanes", str(s.lane_count)), ("annotations", cfg.show_value(s.annotations) if s.annotations else "-"),
+        ("column filters", _list([json.dumps(f) for f in s.filters])), ("filter sql", s.filter_sql or "-"),
+        ("filter function", s.filter_function or "-"),
+        ("transform", s.transform_path or s.transform_function or "-"), ("routing", s.route_function or "-"),
+        ("function timeout", f"{s.function_timeout_ms} ms"),
     ]
     _print(_kv_table(f"sink {s.name}", rows))
+
+
+@sink_app.command("test")
+def sink_test(
+    name: Annotated[str, typer.Argument(help="Sink name.")],
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many of the sink's last retained changes.")] = 10,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run the sink's filters, transform and routing over its last retained changes; print what would be sent."""
+    results = _run(sink_functions.try_sink(dsn(database_url), name, limit=limit))
+    if not results:
+        console.print("No retained changes of this sink's tables and actions yet.", highlight=False)
+    for r in results:
+        if r.passes is None:
+            verdict = "filter failed"
+        elif not r.passes:
+            verdict = "filtered out"
+        elif r.error:
+            verdict = "transform/route failed (the message would be parked)"
+        else:
+            target = r.route.endpoint_path if r.route.endpoint_path is not None else "(sink path)"
+            verdict = f"{r.route.method} {target}"
+            if r.route.headers:
+                verdict += " " + " ".join(f"{k}: {v}" for k, v in r.route.headers)
+        console.print(Text(f"{r.change}: {verdict}", style="bold"), highlight=False, soft_wrap=True)
+        if r.error:
+            console.print(Text(r.error, style="red"), highlight=False, soft_wrap=True)
+        elif r.passes:
+            console.print(Text(json.dumps(r.body, indent=2, default=str)), highlight=False, soft_wrap=True)
 
 
 def _set_status(name: str, status: str, database_url: str | None, verb: str) -> None:

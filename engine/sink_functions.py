@@ -29,7 +29,11 @@ from typing import Any
 import orjson
 
 from . import userfunc
-from .model import Sink
+from .db import connection
+from .errors import ConfigError
+from .filters import sink_predicate
+from .model import Sink, load_config
+from .queries import QUERIES
 from .queue import QueuedMessage
 from .render import RenderContext, render_message
 from .userfunc import UserFunctionError
@@ -186,3 +190,57 @@ def render_transformed(messages: Sequence[QueuedMessage], bodies: Mapping[int, A
             raise ValueError(f"a sink with batch off sends one message per request, got {len(messages)}")
         return orjson.dumps(bodies[messages[0].id])
     return orjson.dumps({"data": [bodies[m.id] for m in messages]})
+
+
+@dataclass
+class TrialResult:
+    """What `pgsink sink test` shows for one retained change."""
+
+    change: str           # "public.orders insert 7 @ lsn/idx"
+    passes: bool | None   # None: the filter failed
+    body: Any = None      # the body it would send alone (JSON value)
+    route: Route = DEFAULT_ROUTE
+    error: str | None = None
+
+
+async def try_sink(dsn: str, name: str, *, limit: int = 10, scan: int = 10_000) -> list[TrialResult]:
+    """Run a sink's filters, transform and route over its last ``limit`` retained changes (oldest first).
+
+    Nothing is sent or written. Looks at most ``scan`` recent changes of the
+    sink's source to find ``limit`` of its tables and actions.
+    """
+    async with connection(dsn, autocommit=True) as conn:
+        config = await load_config(conn)
+        sink = config.sink_named(name)
+        if sink is None:
+            raise ConfigError(f"There is no sink named {name!r} (see pgsink sink list).")
+        cur = await conn.execute(QUERIES["recent_changes"], {"source_id": sink.source_id, "limit": scan})
+        rows = await cur.fetchall()
+    messages = [QueuedMessage(*r) for r in rows]
+    mine = [m for m in messages if m.action in sink.actions
+            and sink.matches_table(m.table_schema or "", m.table_name or "")][:limit]
+    ctx = RenderContext.for_sink(sink, config.sources[sink.source_id])
+    predicate = sink_predicate(sink.filters, sink.filter_sql, sink.filter_function,
+                               timeout=sink.function_timeout_ms / 1000, what=f"sink {sink.name}: filter")
+    functions = SinkFunctions.for_sink(sink)
+    out = []
+    for m in reversed(mine):
+        label = f"{m.table_schema}.{m.table_name} {m.action} {m.record_pk or '-'} @ {m.commit_lsn}/{m.commit_idx}"
+        action, record, changes, metadata = _inputs(m, ctx)
+        try:
+            passes = predicate is None or predicate(action, record, changes, metadata)
+        except UserFunctionError as e:
+            out.append(TrialResult(label, None, error=e.describe()))
+            continue
+        if not passes:
+            out.append(TrialResult(label, False))
+            continue
+        try:
+            body, route, transformed = functions.apply(m, ctx) if functions else (None, DEFAULT_ROUTE, False)
+        except UserFunctionError as e:
+            out.append(TrialResult(label, True, error=e.describe()))
+            continue
+        if not transformed:
+            body = orjson.loads(dumps(render_message(m, ctx)))
+        out.append(TrialResult(label, True, body, route))
+    return out

@@ -27,3 +27,16 @@ update pgsink.sinks set
     transform_path = %(transform_path)s, transform_function = %(transform_function)s,
     route_function = %(route_function)s, function_timeout_ms = %(function_timeout_ms)s, updated_at = now()
 where name = %(name)s
+
+-- name: recent_changes
+-- The last retained changes of a source (newest first), shaped like read_lane_batch's rows,
+-- for `pgsink sink test`; the caller keeps those of the sink's tables and actions.
+select 0 as id, null::text as group_key, c.action, c.commit_lsn, c.commit_idx,
+       to_char(c.committed_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') as commit_timestamp,
+       c.source_table_schema, c.source_table_name, c.record::text, c.changes::text,
+       c.transaction_annotations::text, null::text as backfill_id, c.record_pk,
+       false as group_parked, false as group_blocked, 0 as attempts
+from pgsink.changes c
+where c.source_id = %(source_id)s
+order by c.committed_at desc, c.commit_lsn desc, c.commit_idx desc
+limit %(limit)s

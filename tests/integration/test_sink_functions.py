@@ -207,3 +207,51 @@ async def test_a_failing_user_function_parks_its_message_others_flow_and_a_fix_d
 
 async def _parked(conn: psycopg.AsyncConnection, sink_id: Any) -> bool:
     return bool(await scalar(conn, "select count(*) from pgsink.parked_messages where sink_id = %s", sink_id))
+
+
+# ---------------------------------------------------------------- pgsink sink test
+
+
+async def test_try_sink_shows_filter_transform_and_route_per_change(
+        fresh_db: str, aconn: psycopg.AsyncConnection, tmp_path: Path) -> None:
+    from pgsink.engine.sink_functions import try_sink
+
+    ref = hook(tmp_path, "r.py", "def route(action, record, changes, metadata):\n"
+                                 "    if record['id'] == 3:\n        raise ValueError('bad row')\n"
+                                 "    return {'method': 'PUT', 'endpoint_path': f\"/o/{record['id']}\"}\n")
+    refs = await create_sink(aconn, "http://127.0.0.1:9/x", name="tried", filter_sql="id > 1",
+                             transform_path="record", route_function=ref)
+    await enqueue_changes(aconn, refs.sink_id, [Row({"id": i}, str(i)) for i in (1, 2, 3)])
+    results = await try_sink(fresh_db, "tried", limit=10)
+    assert [r.passes for r in results] == [False, True, True]
+    assert results[1].body == {"id": 2} and (results[1].route.method, results[1].route.endpoint_path) == ("PUT", "/o/2")
+    assert results[2].error is not None and "raised ValueError: bad row" in results[2].error
+    assert results[0].change.startswith("public.orders insert 1 @ ")
+    assert [r.passes for r in await try_sink(fresh_db, "tried", limit=1)] == [True]  # the newest one
+
+
+def test_cli_sink_test_prints_what_would_be_sent(fresh_db: str) -> None:
+    import asyncio
+    import subprocess
+    import sys
+
+    async def setup() -> None:
+        async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn:
+            refs = await create_sink(conn, "http://127.0.0.1:9/x", name="clitest", transform_path="record.id",
+                                     filter_sql="id <> 2")
+            await enqueue_changes(conn, refs.sink_id, [Row({"id": i}, str(i)) for i in (1, 2)])
+
+    import threading
+
+    t = threading.Thread(target=lambda: asyncio.run(setup()))
+    t.start()
+    t.join(60)  # a sync test: set up on a loop of its own
+    res = subprocess.run([sys.executable, "-m", "pgsink.cli", "sink", "test", "clitest", "--database-url", fresh_db],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert res.returncode == 0, res.stderr
+    out = " ".join(res.stdout.split())
+    assert "public.orders insert 1" in out and "POST (sink path) 1" in out
+    assert "public.orders insert 2" in out and "filtered out" in out
+    res = subprocess.run([sys.executable, "-m", "pgsink.cli", "sink", "test", "nope", "--database-url", fresh_db],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert res.returncode == 1 and "no sink named 'nope'" in res.stderr

@@ -340,3 +340,29 @@ def test_yaml_rejects_bad_filters_and_functions(snippet: str, message: str) -> N
     with pytest.raises(ConfigError) as e:
         cfg.parse_config(SINK % snippet, filename="sequin.yaml")
     assert message in str(e.value), str(e.value)
+
+
+def test_cli_shaped_options_build_the_same_spec_as_yaml() -> None:
+    spec = cfg.sink_from_options({
+        "name": "s", "database": "db",
+        "destination": {"type": "webhook", "http_endpoint": "hook"},
+        "filters": [{"column_name": "status", "operator": "=", "comparison_value": "paid"}],
+        "filter": {"sql": "amount > 100"}, "transform": {"python": "hooks.py"}, "routing": {"python": "m:route"},
+        "function_timeout_ms": 300})
+    assert (spec.filter_sql, spec.transform_function, spec.route_function, spec.function_timeout_ms) == (
+        "amount > 100", "hooks.py", "m:route", 300)
+    assert spec.filters == ({"column_name": "status", "operator": "=", "comparison_value": "paid"},)
+
+
+def test_exported_sink_functions_parse_back_to_the_same_spec() -> None:
+    import yaml
+
+    d = cfg.parse_config(SINK % (
+        "    filters:\n      - column_name: doc\n        field_path: a.b\n        operator: '>='\n"
+        "        comparison_value: 5\n        field_type: number\n"
+        "    filter: {python: 'hooks:keep'}\n    transform: {python: t.py}\n    routing: {python: r.py}\n"
+        "    function_timeout_ms: 50\n"))
+    exported = cfg._export_sink(d.sinks[0])
+    doc = {"databases": [], "http_endpoints": [], "sinks": [exported]}
+    text = SINK.split("sinks:")[0] + yaml.safe_dump({"sinks": doc["sinks"]}, sort_keys=False)
+    assert cfg.parse_config(text).sinks[0] == d.sinks[0]
