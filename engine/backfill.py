@@ -59,7 +59,7 @@ from . import db
 from .capture import SESSION_OPTIONS
 from .errors import PgsinkError
 from .ingest import record_key
-from .model import load_config
+from .model import Sink, load_config
 from .queries import QUERIES
 from .values import TypeRegistry, dumps
 
@@ -111,6 +111,7 @@ class Job:
 class Page:
     records: list[str]      # JSON text, values converted as capture converts them
     record_pks: list[str]
+    group_keys: list[str | None]
     cursor: str | None      # after the last row
     snapshot: Snapshot
     read_at: datetime
@@ -142,6 +143,7 @@ class BackfillStage:
         self.visibility_margin = visibility_margin
         self.max_page_size = max_page_size
         self._stop = asyncio.Event()
+        self._sink: Sink  # the sink of the job being run
 
     def stop(self) -> None:
         self._stop.set()
@@ -181,6 +183,7 @@ class BackfillStage:
                 await self._finish(job, "failed", "its sink was removed")
                 return
             source = config.sources[sink.source_id]
+            self._sink = sink
             try:
                 # the reader's session settings: values print (and convert) exactly as in captured changes
                 async with db.connection(source.dsn(options=SESSION_OPTIONS), autocommit=True) as src:
@@ -211,22 +214,37 @@ class BackfillStage:
             await state.execute(QUERIES["backfill_set_estimate"],
                                 {"id": job.id, "owner": self.owner, "estimate": estimate})
         query = self._page_query(job, keys, [name for name, _ in columns])
-        cursor, size = job.cursor, job.page_size
+
+        async def read(cursor: str | None, size: int) -> tuple[Page, int]:
+            """A page; one over the time limit is cancelled and read again at half the size."""
+            while True:
+                try:
+                    return await self._read_page(src, query, job, cursor, size, columns, types, list(pk)), size
+                except psycopg.errors.QueryCanceled:
+                    size = max(10, size // 2)
+                    log.info("backfill %s: page over its time limit; page size now %d", job.id, size)
+
+        # Pipelined: the next page is read on the source while this one is
+        # enqueued in the state database (each page is consistent on its own).
+        page, size = await read(job.cursor, job.page_size)
         while not self._stop.is_set():
+            last = len(page.records) < size
+            following: asyncio.Task[tuple[Page, int]] | None = None
+            if not last:
+                following = asyncio.create_task(read(page.cursor, next_page_size(
+                    size, len(page.records), page.elapsed_ms, job.max_page_ms, self.max_page_size)))
             try:
-                page = await self._read_page(src, query, job, cursor, size, columns, types, list(pk))
-            except psycopg.errors.QueryCanceled:
-                size = max(10, size // 2)
-                log.info("backfill %s: page over its time limit; page size now %d", job.id, size)
-                continue
-            await self._enqueue(state, job, page, table_oid, source_id, size)
-            cursor = page.cursor
-            if len(page.records) < size:
+                await self._enqueue(state, job, page, table_oid, source_id, size)
+            except BaseException:
+                if following is not None:
+                    following.cancel()
+                    await asyncio.gather(following, return_exceptions=True)
+                raise
+            if following is None:
                 await self._finish(job, "completed")
                 log.info("backfill %s of %s.%s completed", job.id, job.schema, job.table)
                 return
-            size = next_page_size(size, len(page.records), page.elapsed_ms, job.max_page_ms,
-                                  self.max_page_size)
+            page, size = await following
         async with db.connection(self.dsn, autocommit=True) as conn:  # stopping: let another worker resume
             await conn.execute(QUERIES["backfill_release"], {"id": job.id, "owner": self.owner})
 
@@ -264,13 +282,18 @@ class BackfillStage:
             cur = await src.execute(query, {"cursor": cursor, "start": job.start_position, "limit": size})
             rows = await cur.fetchall()
             elapsed_ms = (time.monotonic() - started) * 1000
-        records, record_pks = [], []
+        records, record_pks, group_keys = [], [], []
+        group_columns = self._sink.group_columns(job.schema, job.table) if self._sink.message_grouping else None
         for r in rows:  # the converters capture uses: a read's record looks like a change's
             record = {name: types.convert(oid, text) for (name, oid), text in zip(columns, r[1:], strict=True)}
             records.append(dumps(record).decode())
-            record_pks.append(record_key(record, pk))
-        return Page(records, record_pks, rows[-1][0] if rows else cursor, Snapshot.parse(snap_text), read_at,
-                    elapsed_ms)
+            record_pk = record_key(record, pk)
+            record_pks.append(record_pk)
+            # the group key capture gives the row's changes (SourceReader._group_key): same group, same lane
+            group_keys.append(None if not self._sink.message_grouping else
+                              f"{job.schema}.{job.table}:{record_key(record, group_columns or pk)}")
+        return Page(records, record_pks, group_keys, rows[-1][0] if rows else cursor, Snapshot.parse(snap_text),
+                    read_at, elapsed_ms)
 
     async def _enqueue(self, state: psycopg.AsyncConnection, job: Job, page: Page, table_oid: int,
                        source_id: UUID, next_size: int) -> None:
@@ -286,7 +309,10 @@ class BackfillStage:
                 await state.execute(QUERIES["backfill_enqueue_page"], {
                     "id": job.id, "owner": self.owner, "cursor": page.cursor, "rows_read": len(page.records),
                     "page_size": next_size, "lease_seconds": self.lease_seconds, "read_at": page.read_at,
-                    "record_pks": [page.record_pks[i] for i in keep], "records": [page.records[i] for i in keep]})
+                    # JSON arrays, not text[]: no per-element escaping on either side
+                    "records": "[" + ",".join(page.records[i] for i in keep) + "]",
+                    "record_pks": dumps([page.record_pks[i] for i in keep]).decode(),
+                    "group_keys": dumps([page.group_keys[i] for i in keep]).decode()})
         except psycopg.errors.LockNotAvailable as e:
             raise JobLost(str(e)) from None
         if superseded:

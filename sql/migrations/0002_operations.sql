@@ -495,18 +495,21 @@ comment on view pgsink.backfill_progress is
 -- Enqueue one page of a backfill as read messages, and store its cursor, in
 -- the caller's transaction (which already holds the sink's enqueue lock and
 -- has dropped the rows a newer captured change supersedes; see
--- pgsink.engine.backfill).  Ids are taken here, after the lock, in row order.
+-- pgsink.engine.backfill).  p_records, p_record_pks and p_group_keys are
+-- JSON arrays of the same length (group keys as capture computes them; null
+-- when grouping is off).  Ids are taken here, after the lock, in row order.
 -- Fenced on the job's lease: raises if another worker owns the job now or
 -- it was cancelled, so the page rolls back.
 create function pgsink.enqueue_backfill_page(
     p_backfill_id uuid, p_owner text, p_cursor jsonb, p_rows_read integer, p_page_size integer,
-    p_lease_seconds float8, p_read_at timestamptz, p_record_pks text[], p_records jsonb[])
+    p_lease_seconds float8, p_read_at timestamptz, p_records jsonb, p_record_pks jsonb, p_group_keys jsonb)
 returns integer
 language plpgsql
 as $$
 declare
     b pgsink.backfills;
     s pgsink.sinks;
+    n integer := jsonb_array_length(p_records);
     ids bigint[];
 begin
     update pgsink.backfills
@@ -518,27 +521,27 @@ begin
         raise exception 'backfill % is no longer held by %', p_backfill_id, p_owner
             using errcode = 'lock_not_available';
     end if;
-    if cardinality(p_records) = 0 then
+    if n = 0 then
         return 0;
     end if;
     select * into s from pgsink.sinks where id = b.sink_id;
-    select array_agg(n.id order by n.ord) into ids
+    select array_agg(x.id order by x.ord) into ids
     from (select nextval('pgsink.message_id_seq') as id, o.ord
-          from (select g as ord from generate_series(1, cardinality(p_records)) g order by g) o) n;
-    perform pgsink.ensure_partitions(null, null, ids[1], ids[cardinality(ids)]);
+          from (select g as ord from generate_series(1, n) g order by g) o) x;
+    perform pgsink.ensure_partitions(null, null, ids[1], ids[n]);
     insert into pgsink.messages (id, sink_id, lane, group_key, action, commit_lsn, commit_idx,
                                  committed_at, payload)
-    select u.id, s.id,
-           case when k.group_key is null then (u.id % s.lane_count)::smallint
-                else pgsink.lane_for(k.group_key, s.lane_count) end,
-           k.group_key, 'read', 0, 0, p_read_at,
+    select i.id, s.id,
+           case when k.key is null then (i.id % s.lane_count)::smallint
+                else pgsink.lane_for(k.key, s.lane_count) end,
+           k.key, 'read', 0, 0, p_read_at,
            jsonb_build_object('backfill_id', b.id::text, 'table_schema', b.table_schema,
-                              'table_name', b.table_name, 'record_pk', u.record_pk, 'record', u.record)
-    from unnest(ids, p_record_pks, p_records) as u(id, record_pk, record)
-    cross join lateral (
-        select pgsink.change_group_key(s, b.table_schema, b.table_name, u.record_pk, u.record) as group_key
-    ) k;
+                              'table_name', b.table_name, 'record_pk', pk.pk, 'record', r.rec)
+    from unnest(ids) with ordinality as i(id, ord)
+    join jsonb_array_elements(p_records) with ordinality as r(rec, ord) on r.ord = i.ord
+    join jsonb_array_elements_text(p_record_pks) with ordinality as pk(pk, ord) on pk.ord = i.ord
+    join jsonb_array_elements_text(p_group_keys) with ordinality as k(key, ord) on k.ord = i.ord;
     perform pg_notify('pgsink_messages', s.id::text);
-    return cardinality(ids);
+    return n;
 end
 $$;

@@ -42,8 +42,8 @@ where source_id = %(source_id)s and source_table_oid = %(table_oid)s
 
 -- name: backfill_enqueue_page
 select pgsink.enqueue_backfill_page(%(id)s, %(owner)s, %(cursor)s::jsonb, %(rows_read)s, %(page_size)s,
-                                    %(lease_seconds)s, %(read_at)s, %(record_pks)s::text[],
-                                    %(records)s::jsonb[])
+                                    %(lease_seconds)s, %(read_at)s, %(records)s::jsonb,
+                                    %(record_pks)s::jsonb, %(group_keys)s::jsonb)
 
 -- name: backfill_start
 select pgsink.start_backfill(%(sink)s, %(table)s, %(sort_column)s, %(start_position)s::jsonb,
