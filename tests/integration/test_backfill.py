@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import random
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,7 +58,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 async def setup_table(conn: psycopg.AsyncConnection, dsn: str, url: str, rows: int, **sink: Any) -> Any:
     await conn.execute("create table items (id int primary key, n int not null, note text)")
     await conn.execute("insert into items select g, mod(g, 1000), 'row ' || g from generate_series(1, %s) g", (rows,))
-    await conn.execute("create index on items (n)")
+    await conn.execute("create index on items (n, id)")  # a partial backfill pages by (sort column, pk)
     await conn.execute("analyze items")
     source_id = await add_source(conn, dsn, create=False, slot="unused")
     return await add_sink(conn, source_id, url=url, **{"batch_size": 100, **sink})
@@ -235,3 +236,31 @@ async def test_a_read_record_is_the_same_json_as_a_captured_change(
     assert read[0] == json.loads(change[0])
     assert read[1] == change[1] == "x,y,123.4500"
     assert read[2] == captured[0]  # same group (and lane) as the row's changes
+
+
+async def test_page_queries_are_index_range_scans_and_shrink_to_the_time_limit(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    """Bounded cost: a page costs the same wherever the cursor is (keyset on the key's index, no
+    sort, no OFFSET); a page over max_page_ms is cut down until it fits."""
+    from pgsink.engine.backfill import Job
+
+    await setup_table(aconn, fresh_db, receiver.url, 60_000)
+    stage = backfiller(fresh_db)
+    for sort_column, start, cursor in ((None, None, '{"id": 30000}'), ("n", "500", None),
+                                       ("n", "500", '{"n": 700, "id": 12700}')):
+        job = Job(uuid.uuid4(), uuid.uuid4(), "public", "items", sort_column, start,
+                  cursor, 0, None, 1000, 5000)
+        keys = ["n", "id"] if sort_column else ["id"]
+        queries = stage._page_query(job, keys, ["id", "n", "note"])
+        query = queries["next"] if cursor else queries["first"]
+        cur = await aconn.execute(psycopg.sql.SQL("explain ") + query,
+                                  {"cursor": cursor, "start": start, "limit": 1000})
+        plan = "\n".join(r[0] for r in await cur.fetchall())
+        assert "Index Scan" in plan and "Sort" not in plan and "Seq Scan" not in plan, plan
+
+    await aconn.execute("select pgsink.start_backfill('sink', 'items', p_page_size => 10000, p_max_page_ms => 4)")
+    async with stages(backfiller(fresh_db)):
+        await wait_for(lambda: scalar(aconn, "select state = 'completed' from pgsink.backfills"), timeout=60,
+                       what="done")
+    assert await scalar(aconn, "select count(distinct payload->>'record_pk') from pgsink.messages") == 60_000
+    assert await scalar(aconn, "select page_size from pgsink.backfills") < 10_000
