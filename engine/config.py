@@ -39,6 +39,7 @@ import yaml
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
+from . import enrichment as enrichment_mod
 from . import filters as filters_mod
 from . import secrets
 from . import signing as signing_mod
@@ -150,6 +151,7 @@ class SinkSpec:
     transform_function: str | None = None
     route_function: str | None = None
     function_timeout_ms: int = 1000
+    enrichment_sql: str | None = None
     line: int = field(default=0, compare=False)
 
     def explicit_tables(self) -> set[tuple[str, str]]:
@@ -980,7 +982,6 @@ def _read_sink(o: _Obj) -> SinkSpec | None:
         o.err("load_shedding_policy", f"{shedding!r} is not supported yet; pgsink pauses the sink's "
                                       "intake at max_ack_pending (pause_on_full)")
     functions = _read_functions(o)
-    o.unsupported("enrichment", "enrichment functions (only \"none\" is accepted)", allowed=_function_none)
     o.unsupported("initial_backfill", "backfills from sequin.yaml")
     o.ignore("active_backfill", "active_backfills", "consumer_start", "health",
              "id", "inserted_at", "updated_at", "account_id")
@@ -1013,10 +1014,11 @@ def _read_sink(o: _Obj) -> SinkSpec | None:
     )
 
 
-_FUNCTION_KINDS = {"filter": ("sql", "python"), "transform": ("path", "python"), "routing": ("python",)}
+_FUNCTION_KINDS = {"filter": ("sql", "python"), "transform": ("path", "python"), "routing": ("python",),
+                   "enrichment": ("sql",)}
 _FUNCTION_FIELDS = {("filter", "sql"): "filter_sql", ("filter", "python"): "filter_function",
                     ("transform", "path"): "transform_path", ("transform", "python"): "transform_function",
-                    ("routing", "python"): "route_function"}
+                    ("routing", "python"): "route_function", ("enrichment", "sql"): "enrichment_sql"}
 _TRANSFORM_PATH = re.compile(r"^record(\.[A-Za-z0-9_$-]+)*$|^(changes|action|metadata)(\.[A-Za-z0-9_$-]+)*$")
 
 
@@ -1047,9 +1049,9 @@ def _read_functions(o: _Obj) -> dict[str, Any]:
             o.ok = False
             continue
         try:
-            _check_function(form, value)
+            _check_function(key, form, value)
         except ConfigError as e:
-            f.err(form, str(e).removeprefix("filter_sql: "))
+            f.err(form, str(e).removeprefix("filter_sql: ").removeprefix("enrichment sql: "))
             o.ok = False
             continue
         out[_FUNCTION_FIELDS[(key, form)]] = value
@@ -1058,8 +1060,10 @@ def _read_functions(o: _Obj) -> dict[str, Any]:
     return out
 
 
-def _check_function(form: str, value: str) -> None:
-    if form == "sql":
+def _check_function(key: str, form: str, value: str) -> None:
+    if key == "enrichment":
+        enrichment_mod.check_sql(value)
+    elif form == "sql":
         filters_mod.compile_sql(value)
     elif form == "path":
         if not _TRANSFORM_PATH.match(value):
@@ -1248,6 +1252,7 @@ def sink_spec(k: Sink, config: Config) -> SinkSpec:
         filters=tuple(dict(f) for f in k.filters), filter_sql=k.filter_sql, filter_function=k.filter_function,
         transform_path=k.transform_path, transform_function=k.transform_function,
         route_function=k.route_function, function_timeout_ms=k.function_timeout_ms,
+        enrichment_sql=k.enrichment_sql,
     )
 
 
@@ -1533,7 +1538,7 @@ async def _write_one(conn: psycopg.AsyncConnection, c: Change) -> None:
             "name": k.name, "filters": Jsonb(list(k.filters)), "filter_sql": k.filter_sql,
             "filter_function": k.filter_function, "transform_path": k.transform_path,
             "transform_function": k.transform_function, "route_function": k.route_function,
-            "function_timeout_ms": k.function_timeout_ms})
+            "function_timeout_ms": k.function_timeout_ms, "enrichment_sql": k.enrichment_sql})
 
 
 async def _write_endpoint_security(conn: psycopg.AsyncConnection, e: EndpointSpec) -> None:

@@ -37,10 +37,12 @@ from . import db
 from . import http_safety as safety
 from . import queue as q
 from .errors import PgsinkError
-from .model import Config, HttpEndpoint, Sink, config_version, load_config
+from .model import Config, HttpEndpoint, Sink, Source, config_version, load_config
 from .queries import QUERIES
 from .render import RenderContext, RequestTarget, idempotency_key, join_url, render_body
-from .sink_functions import DEFAULT_ROUTE, Prepared, SinkFunctions, render_transformed
+from .enrichment import Enricher
+from .sink_functions import DEFAULT_ROUTE, Prepared, SinkFunctions, render_enriched, render_transformed
+from .userfunc import UserFunctionError
 from .signing import batch_id, sign_headers
 
 log = logging.getLogger("pgsink.deliver")
@@ -106,6 +108,24 @@ def _sendable(m: q.QueuedMessage) -> bool:
     return m.renderable and not m.group_blocked
 
 
+async def _prepare(setup: _SinkSetup, messages: list[q.QueuedMessage]) -> Prepared | None:
+    """Enrichment (one source query per batch), then transform and route; None when the sink has none."""
+    if setup.functions is None and setup.enricher is None:
+        return None
+    enrichment: dict[int, Any] | None = None
+    if setup.enricher is not None:
+        keys = sorted({m.record_pk for m in messages if _sendable(m) and m.record_pk is not None})
+        try:
+            rows = await setup.enricher.fetch(keys)
+        except (psycopg.Error, PgsinkError) as e:
+            error = UserFunctionError(f"sink {setup.sink.name}: enrichment query failed: {e}")
+            return Prepared(messages, error=error)
+        enrichment = {m.id: rows.get(m.record_pk) for m in messages if m.record_pk is not None}
+    if setup.functions is None:
+        return Prepared(messages, enrichment=enrichment)
+    return setup.functions.prepare(messages, setup.ctx, _sendable, enrichment)
+
+
 def _honour_retry_after(fate: q.FailurePlan, seconds: float) -> q.FailurePlan:
     """The endpoint said when to come back (Retry-After): wait at least that long."""
     if fate.kind == "backoff":
@@ -125,6 +145,7 @@ class _SinkSetup:
     target: RequestTarget
     endpoint: HttpEndpoint | None = None
     functions: SinkFunctions | None = None  # transform / route
+    enricher: Enricher | None = None
 
 
 class DeliveryStage:
@@ -270,6 +291,8 @@ class DeliveryStage:
         route = prepared.route if prepared is not None else DEFAULT_ROUTE
         if prepared is not None and prepared.bodies:
             plain = render_transformed(messages, prepared.bodies, setup.ctx)
+        elif prepared is not None and prepared.enrichment is not None:
+            plain = render_enriched(messages, prepared.enrichment, setup.ctx)
         else:
             plain = render_body(messages, setup.ctx)
         body = setup.target.encode(plain)
@@ -396,7 +419,7 @@ class DeliveryStage:
             source = config.sources[sink.source_id]
             wanted[sink.id] = _SinkSetup(sink, RenderContext.for_sink(sink, source),
                                          RequestTarget.for_sink(sink, endpoint), endpoint,
-                                         SinkFunctions.for_sink(sink))
+                                         SinkFunctions.for_sink(sink), self._enricher(sink, source))
         for name in (self.sink_filter or set()) - seen - self._warned_missing:
             log.warning("sink %r is not configured; nothing to deliver for it", name)
             self._warned_missing.add(name)
@@ -418,6 +441,16 @@ class DeliveryStage:
                 log.info("delivering sink %s", setup.sink.name, extra={"sink": setup.sink.name})
             else:
                 runner.setup = setup
+
+    def _enricher(self, sink: Sink, source: Source) -> Enricher | None:
+        """The sink's enricher, kept across reloads while its query and source stay the same."""
+        if not sink.enrichment_sql:
+            return None
+        runner = self._runners.get(sink.id)
+        old = runner.setup.enricher if runner is not None else None
+        if old is not None and old.sql == sink.enrichment_sql and old.source == source:
+            return old
+        return Enricher(source, sink.enrichment_sql)
 
     async def _renew_loop(self) -> None:
         """Extend held leases every third of the lease; a lease found lost is logged (its ack is fenced)."""
@@ -475,6 +508,10 @@ class DeliveryStage:
             await self._session.close()
         if self._public_session is not None:
             await self._public_session.close()
+        for r in runners:
+            if r.setup.enricher is not None:
+                with contextlib.suppress(Exception):
+                    await r.setup.enricher.close()
 
 
 class _SinkRunner:
@@ -599,9 +636,8 @@ class _SinkRunner:
         if not messages:  # nothing to do, or stopping: give the lane back
             await stage.with_conn(q.release_lane, lease, stage.owner)
             return None, None
-        prepared = None
-        if setup.functions is not None:  # cut the batch at a route change or a failing function
-            prepared = setup.functions.prepare(messages, setup.ctx, _sendable)
+        prepared = await _prepare(setup, messages)
+        if prepared is not None:  # cut at a route change or a failing function
             messages = prepared.messages
         plan = q.plan_batch(messages)
         for m in plan.broken:
@@ -731,9 +767,8 @@ class _SinkRunner:
                                              stage.owner):
                     await stage.with_conn(q.release_parked_group, lease, stage.owner)
                 return
-            prepared = None
-            if setup.functions is not None:
-                prepared = setup.functions.prepare(messages, setup.ctx, _sendable)
+            prepared = await _prepare(setup, messages)
+            if prepared is not None:
                 messages = prepared.messages
             attempt = await stage.post(setup, messages, prepared)
             if attempt.delivered:

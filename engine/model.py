@@ -106,6 +106,7 @@ class Sink:
     transform_function: str | None = None
     route_function: str | None = None
     function_timeout_ms: int = 1000
+    enrichment_sql: str | None = None  # a SELECT against the source, $1: the batch's primary keys
 
     @property
     def has_filters(self) -> bool:
@@ -207,7 +208,7 @@ async def load_config(conn: psycopg.AsyncConnection) -> Config:
                 lane_count=r["lane_count"], filters=tuple(r["filters"]), filter_sql=r["filter_sql"],
                 filter_function=r["filter_function"], transform_path=r["transform_path"],
                 transform_function=r["transform_function"], route_function=r["route_function"],
-                function_timeout_ms=r["function_timeout_ms"],
+                function_timeout_ms=r["function_timeout_ms"], enrichment_sql=r["enrichment_sql"],
             )
             for r in await cur.fetchall()
         }

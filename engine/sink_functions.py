@@ -60,11 +60,15 @@ class Prepared:
     bodies: dict[int, Any] = field(default_factory=dict)  # message id -> transformed value
     route: Route = DEFAULT_ROUTE
     error: UserFunctionError | None = None  # set: messages is the one failing message, not to be sent
+    enrichment: dict[int, Any] | None = None  # message id -> metadata.enrichment (None: no enrichment)
 
 
-def _inputs(m: QueuedMessage, ctx: RenderContext) -> tuple[str, Any, Any, Any]:
+def _inputs(m: QueuedMessage, ctx: RenderContext, enrichment: Mapping[int, Any] | None = None
+            ) -> tuple[str, Any, Any, Any]:
     """Plain JSON values (action, record, changes, metadata) for user functions."""
     rendered = orjson.loads(dumps(render_message(m, ctx)))
+    if enrichment is not None:
+        rendered["metadata"]["enrichment"] = enrichment.get(m.id)
     return m.action, rendered["record"], rendered["changes"], rendered["metadata"]
 
 
@@ -136,9 +140,10 @@ class SinkFunctions:
             raise UserFunctionError(f"{what} cannot be loaded: {e}") from None
         return userfunc.call(fn, inputs, timeout=self.timeout, what=what)
 
-    def apply(self, m: QueuedMessage, ctx: RenderContext) -> tuple[Any, Route, bool]:
+    def apply(self, m: QueuedMessage, ctx: RenderContext, enrichment: Mapping[int, Any] | None = None
+              ) -> tuple[Any, Route, bool]:
         """(body value, route, transformed?) of one message; raises UserFunctionError."""
-        inputs = _inputs(m, ctx)
+        inputs = _inputs(m, ctx, enrichment)
         body: Any = None
         transformed = False
         if self.transform_path:
@@ -154,20 +159,20 @@ class SinkFunctions:
         return body, route, transformed
 
     def prepare(self, messages: Sequence[QueuedMessage], ctx: RenderContext,
-                sendable: Callable[[QueuedMessage], bool]) -> Prepared:
+                sendable: Callable[[QueuedMessage], bool], enrichment: dict[int, Any] | None = None) -> Prepared:
         """The longest head of ``messages`` that shares one route and whose functions succeed.
 
         Messages for which ``sendable`` is false (parked behind their group,
         pruned) are not given to the functions and never cut the batch.
         """
-        out = Prepared([])
+        out = Prepared([], enrichment=enrichment)
         route: Route | None = None
         for m in messages:
             if not sendable(m):
                 out.messages.append(m)
                 continue
             try:
-                body, r, transformed = self.apply(m, ctx)
+                body, r, transformed = self.apply(m, ctx, enrichment)
             except UserFunctionError as e:
                 if route is None:  # the first message to send fails: it goes alone, as a failed attempt
                     out.messages.append(m)
@@ -181,6 +186,20 @@ class SinkFunctions:
             if transformed:
                 out.bodies[m.id] = body
         return out
+
+
+def render_enriched(messages: Sequence[QueuedMessage], enrichment: Mapping[int, Any], ctx: RenderContext) -> bytes:
+    """The usual body, each message's metadata carrying its ``enrichment`` row (or null)."""
+    rendered = []
+    for m in messages:
+        d = render_message(m, ctx)
+        d["metadata"]["enrichment"] = enrichment.get(m.id)
+        rendered.append(d)
+    if not ctx.batch:
+        if len(rendered) != 1:
+            raise ValueError(f"a sink with batch off sends one message per request, got {len(rendered)}")
+        return orjson.dumps(rendered[0])
+    return orjson.dumps({"data": rendered})
 
 
 def render_transformed(messages: Sequence[QueuedMessage], bodies: Mapping[int, Any], ctx: RenderContext) -> bytes:

@@ -51,4 +51,5 @@ alter table pgsink.sinks
     add column transform_path text,       -- "record", "record.id", ...
     add column transform_function text,
     add column route_function text,
+    add column enrichment_sql text,       -- a SELECT run against the source per batch, $1: the primary keys
     add column function_timeout_ms integer not null default 1000 check (function_timeout_ms > 0);

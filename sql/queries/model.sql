@@ -19,7 +19,7 @@ select id, name, source_id, http_endpoint_id, http_endpoint_path, status,
        message_grouping, table_options, batch, batch_size, batch_timeout_ms,
        request_timeout_ms, max_ack_pending, max_retry_count, annotations, lane_count,
        filters, filter_sql, filter_function, transform_path, transform_function, route_function,
-       function_timeout_ms
+       function_timeout_ms, enrichment_sql
 from pgsink.sinks
 order by name
 

@@ -73,7 +73,7 @@ select b.id, b.group_key, b.action, b.commit_lsn, b.commit_idx,
        c.changes::text as changes,
        c.transaction_annotations::text as transaction_annotations,
        b.payload ->> 'backfill_id' as backfill_id,
-       b.payload ->> 'record_pk' as record_pk,
+       coalesce(c.record_pk, b.payload ->> 'record_pk') as record_pk,
        g.group_key is not null as group_parked,
        g.group_key is not null and exists (
            select 1 from pgsink.parked_messages pm
@@ -255,7 +255,7 @@ select b.id, b.group_key, b.action, b.commit_lsn, b.commit_idx,
        c.changes::text as changes,
        c.transaction_annotations::text as transaction_annotations,
        b.payload ->> 'backfill_id' as backfill_id,
-       b.payload ->> 'record_pk' as record_pk,
+       coalesce(c.record_pk, b.payload ->> 'record_pk') as record_pk,
        true as group_parked,
        false as group_blocked,
        b.attempts

@@ -25,7 +25,8 @@ select signing_secrets_encrypted from pgsink.http_endpoints where name = %(name)
 update pgsink.sinks set
     filters = %(filters)s, filter_sql = %(filter_sql)s, filter_function = %(filter_function)s,
     transform_path = %(transform_path)s, transform_function = %(transform_function)s,
-    route_function = %(route_function)s, function_timeout_ms = %(function_timeout_ms)s, updated_at = now()
+    route_function = %(route_function)s, function_timeout_ms = %(function_timeout_ms)s,
+    enrichment_sql = %(enrichment_sql)s, updated_at = now()
 where name = %(name)s
 
 -- name: recent_changes

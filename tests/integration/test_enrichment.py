@@ -1,0 +1,105 @@
+"""Enrichment: one read-only query per batch against the source, rows under metadata.enrichment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgsink.engine import config as cfg
+from pgsink.engine.enrichment import Enricher, check_sql
+from pgsink.engine.errors import ConfigError
+from tests.helpers import add_sink, add_source
+from tests.integration.test_deliver import running, stage_for
+from tests.queue_helpers import Row, enqueue_changes, scalar, wait_for
+from tests.receiver import start_receiver
+
+QUERY = ("select o.id, c.name, c.tier from orders o join customers c on c.id = o.customer_id"
+         " where o.id = any($1::int[])")
+
+
+async def test_enrichment_rows_are_merged_per_message_with_one_query_per_batch(
+        fresh_db: str, aconn: psycopg.AsyncConnection, monkeypatch: pytest.MonkeyPatch) -> None:
+    await aconn.execute("create table customers (id int primary key, name text, tier text)")
+    await aconn.execute("create table orders (id int primary key, customer_id int)")
+    await aconn.execute("insert into customers values (10, 'Ann', 'gold'), (20, 'Bob', 'basic')")
+    await aconn.execute("insert into orders values (1, 10), (2, 20), (3, null)")
+    calls: list[list[str]] = []
+    real_fetch = Enricher.fetch
+
+    async def counting(self: Enricher, keys: Any) -> dict[str, Any]:
+        calls.append(list(keys))
+        return await real_fetch(self, keys)
+
+    monkeypatch.setattr(Enricher, "fetch", counting)
+    rcv = await start_receiver()
+    try:
+        source_id = await add_source(aconn, fresh_db, create=False)
+        sink_id = await add_sink(aconn, source_id, name="enriched", url=rcv.url, batch_size=10, batch_timeout_ms=200,
+                                 lane_count=1, enrichment_sql=QUERY)
+        await enqueue_changes(aconn, sink_id, [Row({"id": i}, str(i)) for i in (1, 2, 3)])
+        async with running(stage_for(fresh_db)):
+            await rcv.wait_until(lambda: len(rcv.delivered()) >= 3)
+    finally:
+        await rcv.close()
+    assert [m["metadata"]["enrichment"] for m in rcv.delivered()] == [
+        {"id": 1, "name": "Ann", "tier": "gold"}, {"id": 2, "name": "Bob", "tier": "basic"}, None]
+    assert len(rcv.requests) == 1 and calls == [["1", "2", "3"]]  # one query for the batch
+
+
+async def test_a_failing_enrichment_query_is_a_failed_attempt_not_a_crash(
+        fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    rcv = await start_receiver()
+    try:
+        source_id = await add_source(aconn, fresh_db, create=False)
+        sink_id = await add_sink(aconn, source_id, name="broken", url=rcv.url, lane_count=1,
+                                 enrichment_sql="select id from no_such_table where id = any($1::int[])")
+        await enqueue_changes(aconn, sink_id, [Row({"id": 1}, "1")])
+        async with running(stage_for(fresh_db)):
+            await wait_for(lambda: _failed(aconn, sink_id), what="a failed attempt")
+    finally:
+        await rcv.close()
+    assert not rcv.requests
+    error = await scalar(aconn, "select error from pgsink.attempts where sink_id = %s order by id limit 1", sink_id)
+    assert "enrichment query failed" in error and "no_such_table" in error
+
+
+async def test_enrichment_runs_read_only(fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    await aconn.execute("create table t (id int)")
+    await aconn.execute("create function bump(x text[]) returns int language sql as 'insert into t values (1) returning 1'")
+    source_id = await add_source(aconn, fresh_db, create=False)
+    from pgsink.engine.model import load_config
+
+    source = (await load_config(aconn)).sources[source_id]
+    enricher = Enricher(source, "select bump($1::text[]) as id")
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        await enricher.fetch(["1"])
+    await enricher.close()
+    assert await scalar(aconn, "select count(*) from t") == 0
+
+
+async def _failed(conn: psycopg.AsyncConnection, sink_id: Any) -> bool:
+    return bool(await scalar(conn, "select count(*) from pgsink.attempts where sink_id = %s", sink_id))
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    ("delete from orders where id = any($1)", "must be a single SELECT"),
+    ("select 1", "must use $1"),
+    ("select * from orders where id = any($1) and x = $2", "found $1, $2"),
+    ("with d as (delete from orders returning id) select id from d where id = any($1)", "must not modify data"),
+    ("select * from orders where id = any($1) for update", "FOR UPDATE"),
+    ("select 1; select 2", "single SELECT"),
+])
+def test_enrichment_sql_validation(query: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("$", r"\$")):
+        check_sql(query)
+
+
+def test_yaml_enrichment() -> None:
+    from tests.unit.test_filters import SINK
+
+    d = cfg.parse_config(SINK % f"    enrichment:\n      sql: \"{QUERY}\"\n")
+    assert d.sinks[0].enrichment_sql == QUERY
+    with pytest.raises(ConfigError, match="enrichment: sql: must be a single SELECT"):
+        cfg.parse_config(SINK % "    enrichment:\n      sql: delete from x\n", filename="sequin.yaml")
