@@ -470,6 +470,7 @@ def sink_create(
     transform_function: Annotated[str | None, typer.Option("--transform-function", help="Python transform: module:function or file.py (def transform(...) -> body).")] = None,
     route_function: Annotated[str | None, typer.Option("--route-function", help="Python routing: module:function or file.py (def route(...) -> {method, endpoint_path, headers}).")] = None,
     function_timeout_ms: Annotated[int | None, typer.Option("--function-timeout-ms", help="Cut off a filter, transform or route call after this long (default 1000).")] = None,
+    enrichment_sql: Annotated[str | None, typer.Option("--enrichment-sql", help="A SELECT run against the source once per batch, $1 = the batch's primary keys (text[]); rows go under metadata.enrichment.")] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create a sink; checks that its tables exist and are published first."""
@@ -487,7 +488,7 @@ def sink_create(
         "filters": _column_filters(filter_json), "function_timeout_ms": function_timeout_ms,
         "filter": _function("sql", filter_sql) or _function("python", filter_function),
         "transform": _function("path", transform_path) or _function("python", transform_function),
-        "routing": _function("python", route_function),
+        "routing": _function("python", route_function), "enrichment": _function("sql", enrichment_sql),
     }
 
     async def go() -> cfg.ApplyResult:
@@ -540,7 +541,7 @@ def sink_show(
         ("column filters", _list([json.dumps(f) for f in s.filters])), ("filter sql", s.filter_sql or "-"),
         ("filter function", s.filter_function or "-"),
         ("transform", s.transform_path or s.transform_function or "-"), ("routing", s.route_function or "-"),
-        ("function timeout", f"{s.function_timeout_ms} ms"),
+        ("function timeout", f"{s.function_timeout_ms} ms"), ("enrichment", s.enrichment_sql or "-"),
     ]
     _print(_kv_table(f"sink {s.name}", rows))
 

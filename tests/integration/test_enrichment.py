@@ -103,3 +103,23 @@ def test_yaml_enrichment() -> None:
     assert d.sinks[0].enrichment_sql == QUERY
     with pytest.raises(ConfigError, match="enrichment: sql: must be a single SELECT"):
         cfg.parse_config(SINK % "    enrichment:\n      sql: delete from x\n", filename="sequin.yaml")
+
+
+async def test_transforms_see_the_enrichment(fresh_db: str, aconn: psycopg.AsyncConnection, tmp_path: Any) -> None:
+    await aconn.execute("create table customers (id int primary key, name text)")
+    await aconn.execute("insert into customers values (5, 'Eve')")
+    hook = tmp_path / "t.py"
+    hook.write_text("def transform(action, record, changes, metadata):\n"
+                    "    return {'id': record['id'], 'name': (metadata['enrichment'] or {}).get('name')}\n")
+    rcv = await start_receiver()
+    try:
+        source_id = await add_source(aconn, fresh_db, create=False)
+        sink_id = await add_sink(aconn, source_id, name="both", url=rcv.url, batch=False, lane_count=1,
+                                 transform_function=str(hook),
+                                 enrichment_sql="select id, name from customers where id = any($1::int[])")
+        await enqueue_changes(aconn, sink_id, [Row({"id": 5}, "5"), Row({"id": 6}, "6")])
+        async with running(stage_for(fresh_db)):
+            await rcv.wait_until(lambda: len(rcv.delivered()) >= 2)
+    finally:
+        await rcv.close()
+    assert sorted(rcv.delivered(), key=lambda b: b["id"]) == [{"id": 5, "name": "Eve"}, {"id": 6, "name": None}]
