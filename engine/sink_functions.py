@@ -22,17 +22,20 @@ retrying delivers it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import psycopg
 
 from . import userfunc
 from .db import connection
-from .errors import ConfigError
+from .errors import ConfigError, PgsinkError
 from .filters import sink_predicate
-from .model import Sink, load_config
+from .enrichment import Enricher
+from .model import Sink, Source, load_config
 from .queries import QUERIES
 from .queue import QueuedMessage
 from .render import RenderContext, render_message
@@ -236,16 +239,19 @@ async def try_sink(dsn: str, name: str, *, limit: int = 10, scan: int = 10_000) 
         cur = await conn.execute(QUERIES["recent_changes"], {"source_id": sink.source_id, "limit": scan})
         rows = await cur.fetchall()
     messages = [QueuedMessage(*r) for r in rows]
-    mine = [m for m in messages if m.action in sink.actions
-            and sink.matches_table(m.table_schema or "", m.table_name or "")][:limit]
-    ctx = RenderContext.for_sink(sink, config.sources[sink.source_id])
+    mine = [dataclasses.replace(m, id=i + 1) for i, m in enumerate(
+        [m for m in messages if m.action in sink.actions
+         and sink.matches_table(m.table_schema or "", m.table_name or "")][:limit])]
+    source = config.sources[sink.source_id]
+    ctx = RenderContext.for_sink(sink, source)
+    enrichment = await _trial_enrichment(sink, source, mine)
     predicate = sink_predicate(sink.filters, sink.filter_sql, sink.filter_function,
                                timeout=sink.function_timeout_ms / 1000, what=f"sink {sink.name}: filter")
     functions = SinkFunctions.for_sink(sink)
     out = []
     for m in reversed(mine):
         label = f"{m.table_schema}.{m.table_name} {m.action} {m.record_pk or '-'} @ {m.commit_lsn}/{m.commit_idx}"
-        action, record, changes, metadata = _inputs(m, ctx)
+        action, record, changes, metadata = _inputs(m, ctx, enrichment)
         try:
             passes = predicate is None or predicate(action, record, changes, metadata)
         except UserFunctionError as e:
@@ -255,11 +261,29 @@ async def try_sink(dsn: str, name: str, *, limit: int = 10, scan: int = 10_000) 
             out.append(TrialResult(label, False))
             continue
         try:
-            body, route, transformed = functions.apply(m, ctx) if functions else (None, DEFAULT_ROUTE, False)
+            body, route, transformed = (functions.apply(m, ctx, enrichment) if functions
+                                        else (None, DEFAULT_ROUTE, False))
         except UserFunctionError as e:
             out.append(TrialResult(label, True, error=e.describe()))
             continue
         if not transformed:
             body = orjson.loads(dumps(render_message(m, ctx)))
+            if enrichment is not None:
+                body["metadata"]["enrichment"] = enrichment.get(m.id)
         out.append(TrialResult(label, True, body, route))
     return out
+
+
+async def _trial_enrichment(sink: Sink, source: Source, messages: Sequence[QueuedMessage]
+                            ) -> dict[int, Any] | None:
+    """The sink's enrichment of these messages, as delivery would fetch it (one query)."""
+    if not sink.enrichment_sql:
+        return None
+    enricher = Enricher(source, sink.enrichment_sql)
+    try:
+        rows = await enricher.fetch(sorted({m.record_pk for m in messages if m.record_pk is not None}))
+    except (psycopg.Error, PgsinkError) as e:
+        raise ConfigError(f"sink {sink.name}: enrichment query failed: {e}") from None
+    finally:
+        await enricher.close()
+    return {m.id: rows.get(m.record_pk) for m in messages if m.record_pk is not None}

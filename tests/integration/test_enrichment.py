@@ -123,3 +123,19 @@ async def test_transforms_see_the_enrichment(fresh_db: str, aconn: psycopg.Async
     finally:
         await rcv.close()
     assert sorted(rcv.delivered(), key=lambda b: b["id"]) == [{"id": 5, "name": "Eve"}, {"id": 6, "name": None}]
+
+
+async def test_sink_test_shows_the_enrichment(fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    from pgsink.engine.sink_functions import try_sink
+
+    await aconn.execute("create table customers (id int primary key, name text)")
+    await aconn.execute("insert into customers values (5, 'Eve')")
+    source_id = await add_source(aconn, fresh_db, create=False)
+    sink_id = await add_sink(aconn, source_id, name="tried", lane_count=1,
+                             enrichment_sql="select id, name from customers where id = any($1::int[])")
+    await enqueue_changes(aconn, sink_id, [Row({"id": 5}, "5"), Row({"id": 6}, "6")])
+    results = await try_sink(fresh_db, "tried")
+    assert [r.body["metadata"]["enrichment"] for r in results] == [{"id": 5, "name": "Eve"}, None]
+    await aconn.execute("drop table customers")
+    with pytest.raises(ConfigError, match="enrichment query failed"):
+        await try_sink(fresh_db, "tried")
