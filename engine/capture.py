@@ -88,6 +88,7 @@ class SourceReader:
         self._routes: dict[tuple[int, str], list[tuple[bytes, int, bool, tuple[str, ...] | None]]] = {}
         self._predicates: dict[bytes, tuple[model.Sink, Predicate]] = {}  # sinks with filters (engine.filters)
         self._filtering = False
+        self._broken_filters = False  # some sink's filters failed to build: retried at each config poll
         self.is_leader = asyncio.Event()
         self._flusher: Flusher
         self._stop = asyncio.Event()
@@ -318,6 +319,7 @@ class SourceReader:
     def _compile_filters(self) -> None:
         """Build each sink's filter predicate once per config; a broken one lets every change through."""
         self._predicates = {}
+        was_broken, self._broken_filters = self._broken_filters, False
         for sink in self.sinks:
             if not sink.has_filters:
                 continue
@@ -325,8 +327,10 @@ class SourceReader:
                 predicate = sink_predicate(sink.filters, sink.filter_sql, sink.filter_function,
                                            timeout=sink.function_timeout_ms / 1000, what=f"sink {sink.name}: filter")
             except PgsinkError as e:
-                log.error("sink %s: its filters cannot be used (%s); every change is queued for it until "
-                          "they are fixed", sink.name, e, extra=self._log_extra)
+                if not was_broken:
+                    log.error("sink %s: its filters cannot be used (%s); every change is queued for it until "
+                              "they are fixed", sink.name, e, extra=self._log_extra)
+                self._broken_filters = True
                 continue
             if predicate is not None:
                 self._predicates[str(sink.id).encode()] = (sink, predicate)
@@ -375,6 +379,8 @@ class SourceReader:
             self.sinks = sinks
             self._routes.clear()
             self._compile_filters()
+        elif self._broken_filters:
+            self._compile_filters()  # e.g. a filter file that was missing may be there now
 
 
 # The value formats the decoders parse fastest and exactly (values.py relies on them).

@@ -61,3 +61,46 @@ async def test_column_sql_and_python_filters_decide_what_each_sink_queues(
 
 async def _count(conn: psycopg.AsyncConnection, n: int) -> Any:
     return await fetchval(conn, "select count(*) from pgsink.changes") >= n
+
+
+
+async def _queued_pk(conn: psycopg.AsyncConnection, sink_id: UUID, pk: str) -> bool | None:
+    """None until the change of row ``pk`` is retained; then whether it was queued for the sink."""
+    if not await fetchval(conn, "select count(*) from pgsink.changes where record_pk = %s", (pk,)):
+        return None
+    return pk in [p for _, p in await _queued(conn, sink_id)]
+
+
+async def test_a_missing_filter_file_queues_everything_until_it_appears_and_a_hang_is_cut_off(
+        aconn: psycopg.AsyncConnection, fresh_db: str, tmp_path: Path) -> None:
+    await aconn.execute("create table orders (id int primary key)")
+    source_id = await add_source(aconn, fresh_db)
+    hook = tmp_path / "later.py"
+    sink_id = await add_sink(aconn, source_id, name="later", filter_function=str(hook), function_timeout_ms=100)
+    source = await _source(aconn, source_id)
+    async with running_reader(fresh_db, source):
+        await wait_for(lambda: fetchval(aconn, "select count(*) from pg_replication_slots where slot_name = %s"
+                                        " and active", (source.slot_name,)), what="the slot to stream")
+        await aconn.execute("insert into orders values (1)")
+        assert await wait_for(lambda: _queued_pk(aconn, sink_id, "1"), what="row 1") is True  # fails open
+        hook.write_text("def filter(action, record, changes, metadata):\n"
+                        "    while record['id'] == 3:\n        pass\n"
+                        "    return record['id'] % 2 == 0\n")
+        marker = 101
+        while True:  # odd rows are queued until the reader picks the file up (at a config poll)
+            await aconn.execute("insert into orders values (%s)", (marker,))
+            if not await wait_for(lambda: _is_known(aconn, sink_id, str(marker)), what=f"row {marker}") - 1:
+                break
+            marker += 2
+            assert marker < 400, "the filter file was never picked up"
+        await aconn.execute("insert into orders values (3), (4), (5)")
+        await wait_for(lambda: _is_known(aconn, sink_id, "5"), what="row 5")
+    queued = [pk for _, pk in await _queued(aconn, sink_id)]
+    assert "1" in queued and str(marker) not in queued
+    assert "3" in queued and "4" in queued and "5" not in queued  # the hanging call was cut off: queued anyway
+
+
+async def _is_known(conn: psycopg.AsyncConnection, sink_id: UUID, pk: str) -> int:
+    """0 while row ``pk`` is not retained; 2 when it was queued for the sink, 1 when filtered out."""
+    state = await _queued_pk(conn, sink_id, pk)
+    return 0 if state is None else 2 if state else 1
