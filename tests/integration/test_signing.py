@@ -239,3 +239,17 @@ def test_cli_rotate_secret_show_and_signing_secret(fresh_db: str) -> None:
     assert pgsink("endpoint", "signing-secret", "hook").stdout.strip() == second
     pgsink("endpoint", "rotate-secret", "nope", code=1)
     pgsink("endpoint", "rotate-secret", "hook", "--grace", "soon", code=1)
+
+
+async def test_endpoint_safety_options_apply_show_in_the_model_and_export_back(fresh_db: str) -> None:
+    text = ("http_endpoints:\n  - name: safe\n    url: https://hooks.example.com/x\n    signing: true\n"
+            "    block_private_addresses: true\n    ca_bundle: /etc/ssl/private-ca.pem\n    rate_limit: 2.5\n")
+    await cfg.apply_config(fresh_db, cfg.parse_config(text))
+    async with await psycopg.AsyncConnection.connect(fresh_db) as conn:
+        e = next(iter((await load_config(conn)).endpoints.values()))
+    assert (e.block_private_addresses, e.ca_bundle, e.rate_limit) == (True, "/etc/ssl/private-ca.pem", 2.5)
+    exported = await cfg.export_config(fresh_db)
+    assert "rate_limit: 2.5" in exported and "block_private_addresses: true" in exported
+    assert (await cfg.plan_config(fresh_db, cfg.parse_config(exported))).empty
+    plan = await cfg.plan_config(fresh_db, cfg.parse_config(text.replace("rate_limit: 2.5", "rate_limit: 5")))
+    assert "rate_limit: 2.5 -> 5.0" in "\n".join(plan.lines())
