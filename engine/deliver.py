@@ -302,12 +302,12 @@ class DeliveryStage:
         url = setup.target.url
         if route.endpoint_path is not None and endpoint is not None:
             url = join_url(endpoint.url, route.endpoint_path)
-        if endpoint is not None and endpoint.signing is not None:
+        if endpoint is not None and endpoint.rate_limit is not None:
+            await self._wait_for_rate(endpoint)
+        if endpoint is not None and endpoint.signing is not None:  # after any wait: a fresh timestamp
             msg_id = (idempotency_key(messages[0]) if len(messages) == 1
                       else batch_id([idempotency_key(m) for m in messages]))
             headers.update(sign_headers(endpoint.signing.live_keys(time.time()), msg_id, plain))
-        if endpoint is not None and endpoint.rate_limit is not None:
-            await self._wait_for_rate(endpoint)
         timeout_ms = setup.sink.request_timeout_ms
         started = datetime.now(UTC)
         t0 = time.perf_counter()
