@@ -152,6 +152,8 @@ class SinkSpec:
     route_function: str | None = None
     function_timeout_ms: int = 1000
     enrichment_sql: str | None = None
+    # tables to backfill when apply creates the sink (sequin.yaml initial_backfill); not a diffable setting
+    initial_backfill: tuple[str, ...] = field(default=(), compare=False)
     line: int = field(default=0, compare=False)
 
     def explicit_tables(self) -> set[tuple[str, str]]:
@@ -982,7 +984,7 @@ def _read_sink(o: _Obj) -> SinkSpec | None:
         o.err("load_shedding_policy", f"{shedding!r} is not supported yet; pgsink pauses the sink's "
                                       "intake at max_ack_pending (pause_on_full)")
     functions = _read_functions(o)
-    o.unsupported("initial_backfill", "backfills from sequin.yaml")
+    initial_backfill = _read_initial_backfill(o, selection["include_tables"], tables)
     o.ignore("active_backfill", "active_backfills", "consumer_start", "health",
              "id", "inserted_at", "updated_at", "account_id")
 
@@ -1010,8 +1012,31 @@ def _read_sink(o: _Obj) -> SinkSpec | None:
         batch_timeout_ms=batch_timeout_ms if batch_timeout_ms is not None else 50,
         request_timeout_ms=request_timeout_ms or 30000, max_ack_pending=max_ack_pending or 10000,
         max_retry_count=max_retry_count, annotations=annotations, lane_count=lane_count or 64,
-        **functions, line=o.node.line,
+        **functions, initial_backfill=initial_backfill, line=o.node.line,
     )
+
+
+def _read_initial_backfill(o: _Obj, include_tables: list[str] | None, tables: list[TableSpec]) -> tuple[str, ...]:
+    """initial_backfill: true (every table the sink names) or {tables: [...]}: backfilled when the sink is created."""
+    node = o.raw("initial_backfill")
+    if isinstance(node, _Map):
+        sub = _Obj(o.report, node, f"{o.what}: initial_backfill")
+        names = sub.strs("tables")
+        sub.finish()
+        if not names:
+            sub.err("tables", "give the tables to backfill, e.g. tables: [public.orders]")
+            o.ok = o.ok and sub.ok
+            return ()
+        o.ok = o.ok and sub.ok
+        return tuple(_qualify(n) for n in names)
+    if not o.bool("initial_backfill", False):
+        return ()
+    named = list(dict.fromkeys([*(include_tables or []), *(t.name for t in tables)]))
+    if not named:
+        o.err("initial_backfill", "true needs the sink's tables (table: or source.include_tables:); "
+                                  "or give initial_backfill: {tables: [schema.table, ...]}")
+        return ()
+    return tuple(named)
 
 
 _FUNCTION_KINDS = {"filter": ("sql", "python"), "transform": ("path", "python"), "routing": ("python",),
@@ -1527,6 +1552,8 @@ async def _write_one(conn: psycopg.AsyncConnection, c: Change) -> None:
         row = await cur.fetchone()
         assert row is not None
         await conn.execute(QUERIES["sink_lanes_insert"], {"id": row[0], "lane_count": c.spec.lane_count})
+        for table in c.spec.initial_backfill:  # same transaction: the sink and its backfills, or neither
+            await conn.execute(QUERIES["backfill_initial"], {"sink": c.spec.name, "table": table})
     else:
         query, params = _WRITES[(c.action, c.kind)]
         await conn.execute(QUERIES[query], params(c.spec))  # type: ignore[index]

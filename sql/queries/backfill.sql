@@ -88,3 +88,7 @@ select attname::text, atttypid::bigint
 from pg_attribute
 where attrelid = %(oid)s::oid and attnum > 0 and not attisdropped
 order by attnum
+
+-- name: backfill_initial
+-- A sink created by `pgsink config apply` with initial_backfill.
+select pgsink.start_backfill(%(sink)s, %(table)s)

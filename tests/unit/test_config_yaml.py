@@ -150,7 +150,6 @@ def test_unsupported_sink_type_names_type_and_line() -> None:
     ("    transform: my-transform\n", "transform"),
     ("    routing: my-router\n", "routing"),
     ("    enrichment: my-enrichment\n", "enrichment"),
-    ("    initial_backfill: true\n", "initial_backfill"),
     ("    timestamp_format: unix_microsecond\n", "timestamp_format"),
     ("    load_shedding_policy: discard_on_full\n", "load_shedding_policy"),
 ])
