@@ -282,3 +282,30 @@ async def test_group_key_formula_matches_capture(
                               " from pgsink.sinks s where id = %s", dumps(record).decode(), refs.sink_id)
     assert got == f"public.orders:{record_key(record, columns)}"
     assert lane_for(got, 64) == await scalar(aconn, "select pgsink.lane_for(%s, 64)", got)
+
+
+async def test_replay_under_live_traffic_is_one_block_in_commit_order(
+        fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    """Replay takes the sink's enqueue lock: its copies get one contiguous id block, in commit
+    order, never interleaved with live messages, so each group sees old-then-replayed-then-new."""
+    refs = await create_sink(aconn, "http://127.0.0.1:9/hook", lane_count=4)
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    for i in range(20):
+        await enqueue_changes(aconn, refs.sink_id, [Row({"id": k, "v": i}, str(k)) for k in range(5)],
+                              committed_at=start + timedelta(seconds=i))
+    async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as live:
+        async def traffic() -> None:
+            for i in range(30):
+                await enqueue_changes(live, refs.sink_id, [Row({"id": k, "v": 100 + i}, str(k)) for k in range(5)])
+
+        task = asyncio.create_task(traffic())
+        replayed = await scalar(aconn, "select pgsink.replay('orders_webhook', %s, %s)",
+                                start, start + timedelta(minutes=1))
+        await task
+    assert replayed == 100
+    msgs = await rows(aconn, "select id, commit_lsn, commit_idx, (row_number() over (partition by commit_lsn,"
+                             " commit_idx order by id)) > 1 as copy from pgsink.messages order by id")
+    copies = [i for i, m in enumerate(msgs) if m[3]]
+    assert len(copies) == 100 and copies == list(range(copies[0], copies[0] + 100))  # one block
+    positions = [(m[1], m[2]) for m in msgs if m[3]]
+    assert positions == sorted(positions)  # commit order
