@@ -431,19 +431,25 @@ as $$
 declare
     s pgsink.sinks := pgsink.sink_by_name(p_sink);
     v_id uuid;
+    v_schema text;
+    v_table text;
 begin
     if (p_sort_column is null) <> (p_start_position is null) then
         raise exception 'a partial backfill needs both a sort column and a start position'
             using errcode = 'invalid_parameter_value',
                   hint = 'Give both (sort_column => ''updated_at'', start_position => ''"2026-01-01"'') or neither.';
     end if;
+    v_schema := case when position('.' in p_table) > 0 then split_part(p_table, '.', 1) else 'public' end;
+    v_table := case when position('.' in p_table) > 0 then substr(p_table, position('.' in p_table) + 1)
+                    else p_table end;
+    if not pgsink.sink_matches_table(s, v_schema, v_table) then
+        raise exception 'table %.% is not one of the tables of sink %', v_schema, v_table, quote_literal(s.name)
+            using errcode = 'invalid_parameter_value',
+                  hint = 'Backfill a table the sink streams (see its include/exclude tables and schemas).';
+    end if;
     insert into pgsink.backfills (sink_id, table_schema, table_name, sort_column, start_position,
                                   page_size, max_page_ms)
-    values (s.id,
-            case when position('.' in p_table) > 0 then split_part(p_table, '.', 1) else 'public' end,
-            case when position('.' in p_table) > 0 then substr(p_table, position('.' in p_table) + 1)
-                 else p_table end,
-            p_sort_column, p_start_position, p_page_size, p_max_page_ms)
+    values (s.id, v_schema, v_table, p_sort_column, p_start_position, p_page_size, p_max_page_ms)
     returning id into v_id;
     perform pg_notify('pgsink_backfills', v_id::text);
     return v_id;

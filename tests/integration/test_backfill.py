@@ -133,6 +133,9 @@ async def test_cancel_and_failures_are_recorded(
     assert await scalar(aconn, "select pgsink.cancel_backfill(%s)", cancelled) is None
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="both a sort column and a start position"):
         await aconn.execute("select pgsink.start_backfill('sink', 'items', 'n')")
+    await aconn.execute("update pgsink.sinks set exclude_tables = '{public.secret}'")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="not one of the tables of sink 'sink'"):
+        await aconn.execute("select pgsink.start_backfill('sink', 'secret')")
     async with stages(backfiller(fresh_db)):
         await wait_for(lambda: scalar(aconn, "select count(*) = 2 from pgsink.backfills where state = 'failed'"),
                        what="both failed")
