@@ -58,9 +58,11 @@ from psycopg import sql
 from . import db
 from .capture import SESSION_OPTIONS
 from .errors import PgsinkError
+from .filters import Predicate, sink_predicate
 from .ingest import record_key
 from .model import Sink, load_config
 from .queries import QUERIES
+from .userfunc import UserFunctionError
 from .values import TypeRegistry, dumps
 
 log = logging.getLogger("pgsink.backfill")
@@ -116,6 +118,7 @@ class Page:
     snapshot: Snapshot
     read_at: datetime
     elapsed_ms: float
+    rows_read: int          # rows the page query returned (filtered ones included)
 
 
 class JobLost(Exception):
@@ -144,6 +147,7 @@ class BackfillStage:
         self.max_page_size = max_page_size
         self._stop = asyncio.Event()
         self._sink: Sink  # the sink of the job being run
+        self._predicate: Predicate | None = None  # its filters, as capture applies them
 
     def stop(self) -> None:
         self._stop.set()
@@ -184,6 +188,11 @@ class BackfillStage:
                 return
             source = config.sources[sink.source_id]
             self._sink = sink
+            self._predicate = None
+            if sink.has_filters:
+                self._predicate = sink_predicate(sink.filters, sink.filter_sql, sink.filter_function,
+                                                 timeout=sink.function_timeout_ms / 1000,
+                                                 what=f"sink {sink.name}: filter")
             try:
                 # the reader's session settings: values print (and convert) exactly as in captured changes
                 async with db.connection(source.dsn(options=SESSION_OPTIONS), autocommit=True) as src:
@@ -228,11 +237,11 @@ class BackfillStage:
         # enqueued in the state database (each page is consistent on its own).
         page, size = await read(job.cursor, job.page_size)
         while not self._stop.is_set():
-            last = len(page.records) < size
+            last = page.rows_read < size
             following: asyncio.Task[tuple[Page, int]] | None = None
             if not last:
                 following = asyncio.create_task(read(page.cursor, next_page_size(
-                    size, len(page.records), page.elapsed_ms, job.max_page_ms, self.max_page_size)))
+                    size, page.rows_read, page.elapsed_ms, job.max_page_ms, self.max_page_size)))
             try:
                 await self._enqueue(state, job, page, table_oid, source_id, size)
             except BaseException:
@@ -286,6 +295,8 @@ class BackfillStage:
         group_columns = self._sink.group_columns(job.schema, job.table) if self._sink.message_grouping else None
         for r in rows:  # the converters capture uses: a read's record looks like a change's
             record = {name: types.convert(oid, text) for (name, oid), text in zip(columns, r[1:], strict=True)}
+            if not self._passes(job, record, read_at):
+                continue
             records.append(dumps(record).decode())
             record_pk = record_key(record, pk)
             record_pks.append(record_pk)
@@ -293,7 +304,22 @@ class BackfillStage:
             group_keys.append(None if not self._sink.message_grouping else
                               f"{job.schema}.{job.table}:{record_key(record, group_columns or pk)}")
         return Page(records, record_pks, group_keys, rows[-1][0] if rows else cursor, Snapshot.parse(snap_text),
-                    read_at, elapsed_ms)
+                    read_at, elapsed_ms, len(rows))
+
+    def _passes(self, job: Job, record: dict[str, Any], read_at: datetime) -> bool:
+        """The sink's filters, applied to a read as capture applies them to a change (kept on an error)."""
+        if self._predicate is None:
+            return True
+        sink = self._sink
+        metadata = {"table_schema": job.schema, "table_name": job.table, "commit_timestamp": read_at.isoformat(),
+                    "commit_lsn": 0, "commit_idx": 0, "transaction_annotations": None,
+                    "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
+        try:
+            return bool(self._predicate("read", record, None, metadata))
+        except UserFunctionError as e:
+            log.warning("sink %s: filter failed on a read of %s.%s, the row is sent anyway: %s", sink.name,
+                        job.schema, job.table, e.describe())
+            return True
 
     async def _enqueue(self, state: psycopg.AsyncConnection, job: Job, page: Page, table_oid: int,
                        source_id: UUID, next_size: int) -> None:
@@ -307,7 +333,7 @@ class BackfillStage:
                 superseded = {pk for pk, xid in await cur.fetchall() if not page.snapshot.sees(xid)}
                 keep = [i for i, pk in enumerate(page.record_pks) if pk not in superseded]
                 await state.execute(QUERIES["backfill_enqueue_page"], {
-                    "id": job.id, "owner": self.owner, "cursor": page.cursor, "rows_read": len(page.records),
+                    "id": job.id, "owner": self.owner, "cursor": page.cursor, "rows_read": page.rows_read,
                     "page_size": next_size, "lease_seconds": self.lease_seconds, "read_at": page.read_at,
                     # JSON arrays, not text[]: no per-element escaping on either side
                     "records": "[" + ",".join(page.records[i] for i in keep) + "]",

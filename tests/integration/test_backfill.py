@@ -267,3 +267,19 @@ async def test_page_queries_are_index_range_scans_and_shrink_to_the_time_limit(
                        what="done")
     assert await scalar(aconn, "select count(distinct payload->>'record_pk') from pgsink.messages") == 60_000
     assert await scalar(aconn, "select page_size from pgsink.backfills") < 10_000
+
+
+async def test_the_sink_filters_apply_to_reads(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    await setup_table(aconn, fresh_db, receiver.url, 3000,
+                      filters=json.dumps([{"column_name": "n", "operator": ">=", "comparison_value": 995}]))
+    await aconn.execute("select pgsink.start_backfill('sink', 'items', p_page_size => 500)")
+    async with stages(backfiller(fresh_db)):
+        await wait_for(lambda: scalar(aconn, "select state = 'completed' from pgsink.backfills"), what="done")
+    assert await scalar(aconn, "select rows_done from pgsink.backfills") == 3000
+    got = await rows_of(aconn, "select (payload->'record'->>'n')::int from pgsink.messages order by id")
+    assert len(got) == 15 and all(n >= 995 for (n,) in got)
+
+
+async def rows_of(conn: psycopg.AsyncConnection, query: str) -> list[tuple[Any, ...]]:
+    return await (await conn.execute(query)).fetchall()  # type: ignore[arg-type]

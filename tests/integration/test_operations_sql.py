@@ -104,6 +104,7 @@ async def test_message_states_track_a_message_from_pending_to_discarded(
     async with delivering(fresh_db):
         await wait_for(lambda: scalar(aconn, "select count(*) = 1 from pgsink.parked_messages"
                                              " where state = 'discarded'"), what="the poison message discarded")
+        await receiver.wait_until(lambda: len(receiver.delivered()) == 1, what="the ok message")
     states = await rows(aconn, "select id, state, group_key, attempts, last_http_status, last_response,"
                                " last_attempt_at is not null from pgsink.message_states order by id")
     assert states == [(ids[0], "discarded", "p1", 3, 503, "failing with 503", True)]
