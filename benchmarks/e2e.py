@@ -44,7 +44,20 @@ sinks:
     source: {{include_tables: [public.benchmark_records]}}
     batch_size: {batch_size}
     destination: {{type: webhook, http_endpoint: receiver, http_endpoint_path: /hook}}
-"""
+{extra}"""
+
+# Sink functions measured against the plain run (every change passes the filter).
+VARIANTS = {
+    "plain": "",
+    "sql-filter": '    filter: {{sql: "numeric_field >= 0 and action in (\'insert\', \'update\', \'delete\')"}}\n',
+    "python-transform": "    transform: {{python: \"{transform_file}\"}}\n",
+}
+
+TRANSFORM = '''
+def transform(action, record, changes, metadata):
+    return {"id": record["id"], "action": action, "amount": record.get("numeric_field"),
+            "at": metadata["commit_timestamp"]}
+'''
 
 TX_SCALE = 10  # per transaction: 60*TX_SCALE inserts, 30*TX_SCALE updates, 10*TX_SCALE deletes
 
@@ -83,7 +96,7 @@ def _stats(port: int) -> dict[str, Any]:
 
 
 def run(changes: int, batch_size: int, rate: float | None = None,
-        roles: tuple[str, ...] = ("reader", "delivery")) -> dict[str, Any]:
+        roles: tuple[str, ...] = ("reader", "delivery"), variant: str = "plain") -> dict[str, Any]:
     with EmbeddedPostgres(for_tests=False) as pg:
         dsn = pg.dsn()
         env = {**os.environ, "PGSINK_DATABASE_URL": dsn}
@@ -96,8 +109,12 @@ def run(changes: int, batch_size: int, rate: float | None = None,
         workers: list[subprocess.Popen[bytes]] = []
         try:
             cfg = f"/tmp/pgsink-bench-{os.getpid()}.yaml"
+            transform_file = f"/tmp/pgsink-bench-transform-{os.getpid()}.py"
+            with open(transform_file, "w") as f:
+                f.write(TRANSFORM)
+            extra = VARIANTS[variant].format(transform_file=transform_file)
             with open(cfg, "w") as f:
-                f.write(CONFIG.format(port=pg.port, receiver_port=rport, batch_size=batch_size))
+                f.write(CONFIG.format(port=pg.port, receiver_port=rport, batch_size=batch_size, extra=extra))
             subprocess.run([sys.executable, "-m", "pgsink.cli", "config", "apply", cfg], env=env, check=True,
                            capture_output=True)
             # one process per role, as a deployment would scale it: each gets a core of its own
@@ -125,7 +142,8 @@ def run(changes: int, batch_size: int, rate: float | None = None,
     last = tenth / max(arrivals[-1] - arrivals[-tenth], 1e-9)
     lat = sorted(st["latencies"])
     return {
-        "changes_written": changes, "received": n, "batch_size": batch_size, "worker_processes": list(roles),
+        "variant": variant, "changes_written": changes, "received": n, "batch_size": batch_size,
+        "worker_processes": list(roles),
         "load_s": round(last_commit - t0, 2), "end_to_end_s": round(arrivals[-1] - t0, 2),
         "changes_per_s": round(n / (arrivals[-1] - t0)),
         "first_10pct_per_s": round(first), "last_10pct_per_s": round(last),
@@ -135,8 +153,9 @@ def run(changes: int, batch_size: int, rate: float | None = None,
     }
 
 
-def main(changes: int, batch_sizes: list[int], rate: float | None) -> None:
-    for b in batch_sizes:
-        r = run(changes if b >= 10 else min(changes, 20_000), b, rate)
-        path = save(f"e2e-batch{b}", r)
-        print(orjson.dumps(r).decode(), "->", path)
+def main(changes: int, batch_sizes: list[int], rate: float | None, variants: list[str]) -> None:
+    for variant in variants:
+        for b in batch_sizes:
+            r = run(changes if b >= 10 else min(changes, 20_000), b, rate, variant=variant)
+            path = save(f"e2e-{variant}-batch{b}", r)
+            print(orjson.dumps(r).decode(), "->", path)

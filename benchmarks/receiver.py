@@ -28,7 +28,8 @@ async def hook(request: web.Request) -> web.Response:
     batch = body["data"] if "data" in body and "record" not in body else [body]
     for m in batch:
         arrivals.append(now)
-        latencies.append(now - _ts(m["metadata"]["commit_timestamp"]))
+        stamp = m["metadata"]["commit_timestamp"] if "metadata" in m else m["at"]
+        latencies.append(now - _ts(stamp))
     return web.Response(text="ok")
 
 

@@ -90,6 +90,7 @@ class SourceReader:
         self._filtering = False
         self._broken_filters = False  # some sink's filters failed to build: retried at each config poll
         self.is_leader = asyncio.Event()
+        self.streaming = asyncio.Event()  # leader, slot and publication in place, stream started
         self._flusher: Flusher
         self._stop = asyncio.Event()
         self._log_extra = {"source": source.name}
@@ -116,6 +117,7 @@ class SourceReader:
                         delay = self.settings.reconnect_min
                     finally:
                         self.is_leader.clear()
+                        self.streaming.clear()
             except (PgsinkError, psycopg.OperationalError, LeadershipLost, OSError) as e:
                 if self.stopping:
                     return
@@ -166,6 +168,7 @@ class SourceReader:
             self.source.dsn(options=SESSION_OPTIONS), self.source.slot_name, ack_lsn, options,
             description=f"source {self.source.name!r}",
         )
+        self.streaming.set()
         loop = asyncio.get_running_loop()
         flusher = self._flusher = Flusher(buffer, stream, state)
         try:

@@ -40,7 +40,7 @@ async def running_reader(dsn: str, source: model.Source,
 async def _leader(reader: SourceReader, task: asyncio.Task[None]) -> bool:
     if task.done():
         task.result()  # surface the reader's error
-    return reader.is_leader.is_set()
+    return reader.streaming.is_set()  # the slot exists from here on: nothing written later is missed
 
 
 async def changes_count(conn: psycopg.AsyncConnection, n: int) -> bool:
