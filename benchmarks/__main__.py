@@ -39,5 +39,14 @@ def claim() -> None:
     main()
 
 
+@app.command("backfill")
+def backfill_(rows: int = typer.Option(1_000_000, help="Rows in the table to backfill."),
+              live_rate: float = typer.Option(500, help="Live updates/s captured alongside.")) -> None:
+    """A full backfill delivered at batch size 100 while capture runs."""
+    from .backfill import main
+
+    main(rows, live_rate)
+
+
 if __name__ == "__main__":
     app()

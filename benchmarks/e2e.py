@@ -49,7 +49,7 @@ sinks:
 # Sink functions measured against the plain run (every change passes the filter).
 VARIANTS = {
     "plain": "",
-    "sql-filter": '    filter: {{sql: "numeric_field >= 0 and action in (\'insert\', \'update\', \'delete\')"}}\n',
+    "sql-filter": '    filter: {{sql: "action = \'delete\' or (numeric_field >= 0 and string_field is not null)"}}\n',
     "python-transform": "    transform: {{python: \"{transform_file}\"}}\n",
 }
 

@@ -16,6 +16,7 @@ from aiohttp import web
 
 arrivals: list[float] = []
 latencies: list[float] = []
+read_arrivals: list[float] = []
 
 
 def _ts(text: str) -> float:
@@ -28,13 +29,17 @@ async def hook(request: web.Request) -> web.Response:
     batch = body["data"] if "data" in body and "record" not in body else [body]
     for m in batch:
         arrivals.append(now)
+        if m.get("action") == "read":
+            read_arrivals.append(now)
+            continue
         stamp = m["metadata"]["commit_timestamp"] if "metadata" in m else m["at"]
         latencies.append(now - _ts(stamp))
     return web.Response(text="ok")
 
 
 async def stats(_: web.Request) -> web.Response:
-    return web.Response(body=orjson.dumps({"count": len(arrivals), "arrivals": arrivals, "latencies": latencies}),
+    return web.Response(body=orjson.dumps({"count": len(arrivals), "arrivals": arrivals, "latencies": latencies,
+                                           "reads": len(read_arrivals), "read_arrivals": read_arrivals}),
                         content_type="application/json")
 
 

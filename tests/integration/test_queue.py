@@ -9,7 +9,6 @@ from typing import Any
 
 import orjson
 import psycopg
-import pytest
 
 from pgsink.engine import queue as q
 from pgsink.engine.queries import QUERIES

@@ -1,0 +1,107 @@
+"""Backfill benchmark: a 1M-row table read and delivered while capture runs alongside.
+
+benchmark_records is filled with N rows, then a sink (batch size 100) gets a
+full backfill while a load generator keeps writing live changes (which the
+reader captures and delivery sends too). Workers run one process per role
+(reader, delivery, backfill). Reports `read` rows delivered per second (start
+of the backfill -> last read received) and the live changes delivered meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import orjson
+import psycopg
+
+from pgsink.engine import backfill
+from pgsink.engine.embedded import EmbeddedPostgres, free_port
+
+from .common import BENCHMARK_TABLE, INSERT_ROWS, save
+from .e2e import CONFIG
+
+
+def _live_load(dsn: str, stop: threading.Event, rate: float, rows: int) -> int:
+    """Updates of random existing rows at about `rate` changes/s until stopped."""
+    done = 0
+    rng = random.Random(3)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        start = time.monotonic()
+        while not stop.is_set():
+            conn.execute("update benchmark_records set string_field = 'live' where id = %s", (rng.randint(1, rows),))
+            done += 1
+            ahead = done / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    return done
+
+
+def _reads_received(port: int) -> tuple[int, int, list[float]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=30) as r:
+        st = orjson.loads(r.read())
+    return st["count"], st.get("reads", 0), st.get("read_arrivals", [])
+
+
+def run(rows: int, live_rate: float) -> dict[str, Any]:
+    with EmbeddedPostgres(for_tests=False) as pg:
+        dsn = pg.dsn()
+        env = {**os.environ, "PGSINK_DATABASE_URL": dsn}
+        env.setdefault("PGSINK_SECRET_KEY", "A" * 43 + "=")
+        subprocess.run([sys.executable, "-m", "pgsink.cli", "migrate"], env=env, check=True, capture_output=True)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(BENCHMARK_TABLE)
+            for _ in range(0, rows, 100_000):
+                conn.execute(INSERT_ROWS, (min(100_000, rows),))
+            conn.execute("analyze benchmark_records")
+        rport = free_port()
+        receiver = subprocess.Popen([sys.executable, "-m", "benchmarks.receiver", str(rport)])
+        workers: list[subprocess.Popen[bytes]] = []
+        stop = threading.Event()
+        live = {"n": 0}
+        try:
+            cfg = f"/tmp/pgsink-bench-{os.getpid()}.yaml"
+            with open(cfg, "w") as f:
+                f.write(CONFIG.format(port=pg.port, receiver_port=rport, batch_size=100, extra=""))
+            subprocess.run([sys.executable, "-m", "pgsink.cli", "config", "apply", cfg], env=env, check=True,
+                           capture_output=True)
+            workers = [subprocess.Popen([sys.executable, "-m", "pgsink.cli", "worker", "--role", role], env=env,
+                                        stderr=subprocess.DEVNULL) for role in ("reader", "delivery", "backfill")]
+            loader = threading.Thread(target=lambda: live.__setitem__("n", _live_load(dsn, stop, live_rate, rows)))
+            loader.start()
+            t0 = time.time()
+            asyncio.run(backfill.start(dsn, "bench", "public.benchmark_records", max_page_ms=5000))
+            deadline = time.time() + 1800
+            while True:
+                _, reads, arrivals = _reads_received(rport)
+                if reads >= rows or time.time() > deadline:
+                    break
+                time.sleep(1)
+            stop.set()
+            loader.join()
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                slowest = conn.execute("select max(max_page_ms) from pgsink.backfills").fetchone()[0]  # type: ignore[index]
+        finally:
+            stop.set()
+            for w in workers:
+                w.terminate()
+                w.wait(60)
+            receiver.terminate()
+            receiver.wait(30)
+    last = max(arrivals) if arrivals else t0
+    return {"rows": rows, "reads_received": reads, "live_changes_written": live["n"],
+            "live_rate_target": live_rate, "seconds": round(last - t0, 2),
+            "rows_per_s": round(reads / max(last - t0, 1e-9)), "max_page_ms_setting": slowest,
+            "worker_processes": ["reader", "delivery", "backfill"], "batch_size": 100}
+
+
+def main(rows: int, live_rate: float) -> None:
+    r = run(rows, live_rate)
+    print(orjson.dumps(r).decode(), "->", save("backfill", r))
