@@ -164,7 +164,7 @@ class BackfillStage:
             try:
                 await asyncio.wait_for(self._stop.wait(), self.poll_interval * random.uniform(0.8, 1.2))
             except TimeoutError:
-                pass
+                pass  # the poll interval passed without a stop: look again
 
     async def _claim(self) -> Job | None:
         async with db.connection(self.dsn, autocommit=True) as conn:

@@ -85,7 +85,7 @@ class MaintenanceStage:
             try:
                 await asyncio.wait_for(self._stop.wait(), self.interval * random.uniform(0.8, 1.2))
             except TimeoutError:
-                pass
+                pass  # the interval passed without a stop: next pass
 
     async def run_once(self, now: datetime | None = None) -> PassReport:
         """One pass, if no other worker is running one."""

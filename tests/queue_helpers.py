@@ -177,7 +177,7 @@ async def wait_for(check: Callable[[], Awaitable[bool]], *, timeout: float = 20.
     while not await check():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or check!r}")
-        await asyncio.sleep(interval)
+        await asyncio.sleep(interval)  # ok-sleep: poll interval of a deadline-bounded wait
 
 
 async def scalar(conn: psycopg.AsyncConnection, query: str, *params: Any) -> Any:

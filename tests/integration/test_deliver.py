@@ -181,7 +181,7 @@ async def test_group_order_holds_across_two_worker_processes_with_random_failure
     stubborn = {"n": 0}
 
     async def flaky(req: Received) -> int:
-        await asyncio.sleep(rng.random() * 0.004)  # a little latency, to let requests overlap
+        await asyncio.sleep(rng.random() * 0.004)  # ok-sleep: endpoint latency, to let requests overlap
         if "g7" in groups_in(req) and stubborn["n"] < 4:
             stubborn["n"] += 1
             return 500  # g7's batch fails past park_after: its groups get parked
@@ -220,7 +220,7 @@ async def _sample_lease_owners(dsn: str, owners: set[str]) -> None:
             cur = await conn.execute("select distinct split_part(lease_owner, ':', 1) from pgsink.lanes"
                                      " where lease_owner is not null")
             owners.update(r[0] for r in await cur.fetchall())
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # ok-sleep: sampling interval of the lease watcher
 
 
 # ---------------------------------------------------------------- retries
@@ -405,7 +405,7 @@ async def test_max_ack_pending_is_never_exceeded_across_workers(
     failed: set[str] = set()
 
     async def slow(req: Received) -> int:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # ok-sleep: a slow endpoint keeps messages in flight
         g = sorted(groups_in(req))[0]
         if g.endswith("3") and g not in failed:  # some fail once: backing off still counts as pending
             failed.add(g)
@@ -489,7 +489,7 @@ async def test_stop_waits_for_in_flight_requests_then_releases_leases(
 
     async def slow(req: Received) -> int:
         started.set()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # ok-sleep: a request still in flight when stop() is called
         return 200
 
     receiver.behavior = slow
