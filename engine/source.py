@@ -111,7 +111,9 @@ async def _privilege_problem(conn: psycopg.AsyncConnection, source: Source) -> s
 
 
 def _create_slot_sql(source: Source) -> str:
-    return f"select pg_create_logical_replication_slot('{source.slot_name}', '{source.decoder}');"
+    """The statement to show users (a hint; pgsink runs its own, parameterised)."""
+    return sql.SQL("select pg_create_logical_replication_slot({}, {});").format(
+        sql.Literal(source.slot_name), sql.Literal(source.decoder)).as_string(None)
 
 
 async def _slot_problem(conn: psycopg.AsyncConnection, source: Source) -> str | None:
