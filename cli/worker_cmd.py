@@ -1,14 +1,24 @@
-"""`pgsink worker`: run the reader and delivery loops."""
+"""`pgsink worker`: run the reader, delivery, backfill and maintenance stages.
+
+By default, on a machine with more than one core, each role runs in its own
+child process (a Python process uses one core; the reader and delivery each
+want one). `--one-process` runs them all on one event loop instead.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from typing import Annotated
 
 import typer
 
+from pgsink.engine.db import DATABASE_URL_ENV
 from pgsink.engine.worker import ROLES, build_stages, new_worker_id, run_stages
 
-from .common import DatabaseUrl, dsn, run, setup_logging
+from .common import DatabaseUrl, dsn, err_console, run, setup_logging
 
 
 def worker(
@@ -16,18 +26,56 @@ def worker(
     role: Annotated[list[str] | None, typer.Option("--role", help=f"Stage(s) to run: {', '.join(ROLES)}. Default: all.")] = None,
     source: Annotated[list[str] | None, typer.Option("--source", help="Only read these sources.")] = None,
     sink: Annotated[list[str] | None, typer.Option("--sink", help="Only deliver these sinks.")] = None,
+    one_process: Annotated[bool, typer.Option("--one-process", help="Run every role on one event loop (default: a process per role when there are several cores).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run a worker: readers (one active per source) and delivery loops. Start as many as you like."""
+    """Run a worker: readers (one active per source), delivery, backfills, maintenance. Start as many as you like."""
     setup_logging(verbose)
     url = dsn(database_url)
+    roles = list(role or ROLES)
+    if not one_process and len(roles) > 1 and (os.cpu_count() or 1) > 1:
+        raise typer.Exit(_supervise(url, roles, source or [], sink or [], verbose))
     worker_id = new_worker_id()
 
     async def main() -> None:
-        stages = build_stages(url, role or ROLES, worker_id=worker_id, sources=source, sinks=sink)
+        stages = build_stages(url, roles, worker_id=worker_id, sources=source, sinks=sink)
         await run_stages(stages)
 
     run(main())
+
+
+def _supervise(url: str, roles: list[str], sources: list[str], sinks: list[str], verbose: bool) -> int:
+    """One child per role; signals are passed on; if a child dies, the others are stopped too."""
+    base = [sys.executable, "-m", "pgsink.cli", "worker", "--one-process"]
+    base += [a for s in sources for a in ("--source", s)] + [a for s in sinks for a in ("--sink", s)]
+    base += ["--verbose"] if verbose else []
+    env = {**os.environ, DATABASE_URL_ENV: url}  # not on the command line: ps would show a password
+    children = {subprocess.Popen([*base, "--role", r], env=env): r for r in roles}
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    status = 0
+    while children:
+        pid, code = os.wait()
+        child = next((c for c in children if c.pid == pid), None)
+        if child is None:
+            continue
+        child.returncode = os.waitstatus_to_exitcode(code)
+        role = children.pop(child)
+        if child.returncode != 0 or not stopping:
+            if not stopping:
+                err_console.print(f"worker role {role} exited ({child.returncode}); stopping the others")
+            status = status or (child.returncode or 1)
+            forward(signal.SIGTERM, None)
+    return status
 
 
 def register(app: typer.Typer) -> None:

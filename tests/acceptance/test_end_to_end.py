@@ -81,3 +81,31 @@ def test_make_demo_runs_end_to_end() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "all 7 changes arrived in order" in res.stdout
     assert "demo-secret" not in res.stdout + res.stderr  # the encrypted header is never printed
+
+
+async def test_worker_runs_a_process_per_role_and_stops_all_if_one_dies(fresh_db: str) -> None:
+    from tests.helpers import wait_for
+
+    worker = subprocess.Popen([sys.executable, "-m", "pgsink.cli", "worker"], cwd=ROOT,
+                              env={**os.environ, "PGSINK_DATABASE_URL": fresh_db},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def children() -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(worker.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    async def four() -> list[int]:
+        kids = children()
+        return kids if len(kids) == 4 else []
+
+    try:
+        kids = await wait_for(four, timeout=30, what="one child process per role")
+        os.kill(kids[0], signal.SIGKILL)
+        _, err = await asyncio.get_running_loop().run_in_executor(None, lambda: worker.communicate(timeout=60))
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert worker.returncode != 0
+    assert "stopping the others" in err.decode()
+    assert not any(Path(f"/proc/{k}").exists() for k in kids[1:])  # the others were stopped and reaped
