@@ -49,6 +49,7 @@ from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
 log = logging.getLogger("pgsink.capture")
 
 STATE_SCHEMA = "pgsink"
+YIELD_EVERY = 5  # messages between yields to the event loop while draining the stream
 ANNOTATIONS_PREFIX = "pgsink:annotations"
 
 
@@ -211,7 +212,7 @@ class SourceReader:
                         await flusher.submit(wait=len(buffer.changes) >= self.settings.flush_changes)
                         last_status = loop.time()
                     since_yield += 1
-                    if since_yield >= 500:  # let other stages of this process run
+                    if since_yield >= YIELD_EVERY:  # let the write in flight (and other stages) progress
                         since_yield = 0
                         await asyncio.sleep(0)
                 if flusher.done:
