@@ -25,7 +25,7 @@ import psycopg
 from pgsink.engine import backfill
 from pgsink.engine.embedded import EmbeddedPostgres, free_port
 
-from .common import BENCHMARK_TABLE, INSERT_ROWS, save
+from .common import BENCHMARK_TABLE, INSERT_ROWS, peak_rss_mb, save
 from .e2e import CONFIG
 
 
@@ -72,15 +72,20 @@ def run(rows: int, live_rate: float) -> dict[str, Any]:
                 f.write(CONFIG.format(port=pg.port, receiver_port=rport, batch_size=100, extra=""))
             subprocess.run([sys.executable, "-m", "pgsink.cli", "config", "apply", cfg], env=env, check=True,
                            capture_output=True)
+            log_path = f"/tmp/pgsink-bench-backfill-{os.getpid()}.log"
+            backfill_log = open(log_path, "w")  # noqa: SIM115 - closed in finally
             workers = [subprocess.Popen([sys.executable, "-m", "pgsink.cli", "worker", "--role", role], env=env,
-                                        stderr=subprocess.DEVNULL) for role in ("reader", "delivery", "backfill")]
+                                        stderr=backfill_log if role == "backfill" else subprocess.DEVNULL)
+                       for role in ("reader", "delivery", "backfill")]
             loader = threading.Thread(target=lambda: live.__setitem__("n", _live_load(dsn, stop, live_rate, rows)))
             loader.start()
             t0 = time.time()
             asyncio.run(backfill.start(dsn, "bench", "public.benchmark_records", max_page_ms=5000))
             deadline = time.time() + 1800
+            peak_rss = 0.0
             while True:
                 _, reads, arrivals = _reads_received(rport)
+                peak_rss = max(peak_rss, peak_rss_mb(workers[2].pid))
                 if reads >= rows or time.time() > deadline:
                     break
                 time.sleep(1)
@@ -93,12 +98,17 @@ def run(rows: int, live_rate: float) -> dict[str, Any]:
             for w in workers:
                 w.terminate()
                 w.wait(60)
+            if workers:
+                backfill_log.close()
             receiver.terminate()
             receiver.wait(30)
+    log_text = open(log_path).read()
+    over_limit = log_text.count("page over its time limit")
     last = max(arrivals) if arrivals else t0
     return {"rows": rows, "reads_received": reads, "live_changes_written": live["n"],
             "live_rate_target": live_rate, "seconds": round(last - t0, 2),
             "rows_per_s": round(reads / max(last - t0, 1e-9)), "max_page_ms_setting": slowest,
+            "pages_over_time_limit": over_limit, "backfill_worker_peak_rss_mb": round(peak_rss, 1),
             "worker_processes": ["reader", "delivery", "backfill"], "batch_size": 100}
 
 
