@@ -59,7 +59,7 @@ from . import db
 from .capture import SESSION_OPTIONS
 from .errors import PgsinkError
 from .filters import Predicate, sink_predicate
-from .ingest import record_key
+from .ingest import group_key, record_key
 from .model import Sink, load_config
 from .queries import QUERIES
 from .userfunc import UserFunctionError
@@ -300,9 +300,9 @@ class BackfillStage:
             records.append(dumps(record).decode())
             record_pk = record_key(record, pk)
             record_pks.append(record_pk)
-            # the group key capture gives the row's changes (SourceReader._group_key): same group, same lane
+            # the group key capture gives the row's changes: same group, same lane
             group_keys.append(None if not self._sink.message_grouping else
-                              f"{job.schema}.{job.table}:{record_key(record, group_columns or pk)}")
+                              group_key(job.schema, job.table, record, group_columns, record_pk))
         return Page(records, record_pks, group_keys, rows[-1][0] if rows else cursor, Snapshot.parse(snap_text),
                     read_at, elapsed_ms, len(rows))
 

@@ -40,8 +40,10 @@ from .decode import (
 )
 from .errors import PgsinkError
 from .filters import Predicate, sink_predicate
-from .ingest import TX_COMPLETE, IngestBuffer, LeadershipLost, PendingChange, Position, record_key
+from .ingest import TX_COMPLETE, IngestBuffer, LeadershipLost, PendingChange, Position, group_key, record_key
 from .queries import QUERIES
+from .replication import ReplicationStream
+from .source import ensure_slot_and_publication
 from .userfunc import UserFunctionError
 from .values import TypeRegistry
 from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
@@ -145,9 +147,6 @@ class SourceReader:
     # ----------------------------------------------------------------- streaming
 
     async def _stream(self, state: psycopg.AsyncConnection) -> None:
-        from .replication import ReplicationStream
-        from .source import ensure_slot_and_publication
-
         await ensure_slot_and_publication(self.source)
         cur = await state.execute(QUERIES["checkpoint_get"], (self.source.id,))
         commit_lsn, commit_idx, ack_lsn = (await cur.fetchone())  # type: ignore[misc]
@@ -292,7 +291,8 @@ class SourceReader:
             targets = self._routes[route] = self._route(change)
         if self._filtering and targets:
             targets = [t for t in targets if self._passes(t[0], change, tx, idx)]
-        messages = [(sink_key, lanes, self._group_key(grouping, columns, change, record_pk))
+        messages = [(sink_key, lanes,
+                     group_key(change.schema, change.table, change.record, columns, record_pk) if grouping else None)
                     for sink_key, lanes, grouping, columns in targets]
         buffer.add(PendingChange(tx.commit_lsn, idx, tx.xid, tx.committed_at, tx.committed_text, change,
                                  record_pk, tx.annotations, messages))
@@ -339,18 +339,6 @@ class SourceReader:
             if predicate is not None:
                 self._predicates[str(sink.id).encode()] = (sink, predicate)
         self._filtering = bool(self._predicates)
-
-    @staticmethod
-    def _group_key(grouping: bool, columns: tuple[str, ...] | None, change: RowChange,
-                   record_pk: str | None) -> str | None:
-        """Default group: the primary key. A table without one is one group (kept in order)."""
-        if not grouping:
-            return None
-        if columns:
-            return f"{change.schema}.{change.table}:{record_key(change.record, columns)}"
-        if record_pk is not None:
-            return f"{change.schema}.{change.table}:{record_pk}"
-        return f"{change.schema}.{change.table}"
 
     async def _fill_toast(self, change: RowChange, record_pk: str | None, buffer: IngestBuffer,
                           state: psycopg.AsyncConnection) -> None:

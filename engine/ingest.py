@@ -72,6 +72,20 @@ def record_key(record: dict[str, Any], columns: Iterable[str]) -> str:
     return ",".join(key_text(record.get(c)) for c in columns)
 
 
+def group_key(schema: str, table: str, record: dict[str, Any], columns: tuple[str, ...] | None,
+              record_pk: str | None) -> str:
+    """A row's message group: its group columns, else its primary key; a table without one is one group.
+
+    Capture, backfill and (in SQL, pgsink.change_group_key) replay must agree,
+    or a row's messages would land in different lanes.
+    """
+    if columns:
+        return f"{schema}.{table}:{record_key(record, columns)}"
+    if record_pk is not None:
+        return f"{schema}.{table}:{record_pk}"
+    return f"{schema}.{table}"
+
+
 @dataclass(frozen=True)
 class Batch:
     """Changes to write in one capture transaction, and where they move the checkpoint."""
