@@ -318,6 +318,15 @@ async def prepare_source(source: Source, tables: list[tuple[str, str]] | None = 
 
 
 async def _ensure(conn: psycopg.AsyncConnection, source: Source, *, strict: bool) -> None:
+    await conn.execute(QUERIES["source_ensure_lock"], {"slot": source.slot_name})
+    try:
+        await _ensure_locked(conn, source, strict=strict)
+    finally:
+        if not conn.broken:  # a broken session has released the lock already
+            await conn.execute(QUERIES["source_ensure_unlock"], {"slot": source.slot_name})
+
+
+async def _ensure_locked(conn: psycopg.AsyncConnection, source: Source, *, strict: bool) -> None:
     # The publication first, so that the slot's first decoded transaction already sees it.
     if await _publication(conn, source) is None:
         if source.create_publication:
@@ -349,8 +358,8 @@ async def _create_publication(conn: psycopg.AsyncConnection, source: Source) -> 
                 sql.SQL("create publication {} for all tables with (publish_via_partition_root = true)")
                 .format(sql.Identifier(source.publication_name))
             )
-    except psycopg.errors.DuplicateObject:
-        pass  # created concurrently: fine, checked below
+    except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+        pass  # created concurrently by a process without our lock (an older pgsink, a human)
     except psycopg.errors.InsufficientPrivilege as e:
         raise SourceError(
             f"Cannot create publication {source.publication_name!r} on source {source.name!r}: "

@@ -112,6 +112,14 @@ select r.rolsuper, r.rolreplication,
 from pg_roles r
 where r.rolname = current_user
 
+-- name: source_ensure_lock
+-- Serialises creating the publication and slot across concurrent applies and
+-- workers: CREATE PUBLICATION racing itself fails on a catalog unique index.
+select pg_advisory_lock(hashtext('pgsink.ensure'), hashtext(%(slot)s::text))
+
+-- name: source_ensure_unlock
+select pg_advisory_unlock(hashtext('pgsink.ensure'), hashtext(%(slot)s::text))
+
 -- name: source_slot
 select slot_name, plugin, slot_type, database, active, active_pid
 from pg_replication_slots
