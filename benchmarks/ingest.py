@@ -19,7 +19,7 @@ import psycopg
 
 from pgsink.engine.embedded import EmbeddedPostgres, find_bindir
 
-from .common import BENCHMARK_TABLE, INSERT_ROWS, rss_mb, save
+from .common import BENCHMARK_TABLE, INSERT_ROWS, cpu_seconds, rss_mb, save
 
 TX_ROWS = 1000
 
@@ -85,6 +85,7 @@ def _pgsink_reader(dsn: str, end_lsn: int, changes: int) -> dict[str, Any]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0.0
     first_flush = None
+    cpu_at_start = 0.0  # start-up (imports, connections) is not per-change work
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             while True:
@@ -92,13 +93,14 @@ def _pgsink_reader(dsn: str, end_lsn: int, changes: int) -> dict[str, Any]:
                 row = conn.execute("select ack_lsn, (select count(*) > 0 from pgsink.changes)"
                                    " from pgsink.source_checkpoints").fetchone()
                 if row and row[1] and first_flush is None:
-                    first_flush = time.monotonic()
+                    first_flush, cpu_at_start = time.monotonic(), cpu_seconds(proc.pid)
                 if row and row[0] >= end_lsn:
                     break
                 if proc.poll() is not None:
                     raise RuntimeError(f"reader exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
                 time.sleep(0.05)
             elapsed = time.monotonic() - t
+            cpu = cpu_seconds(proc.pid) - cpu_at_start
             n = conn.execute("select count(*) from pgsink.changes").fetchone()[0]
             m = conn.execute("select count(*) from pgsink.messages").fetchone()[0]
     finally:
@@ -107,7 +109,7 @@ def _pgsink_reader(dsn: str, end_lsn: int, changes: int) -> dict[str, Any]:
     assert n == changes and m == changes, (n, m, changes)
     return {"seconds": round(elapsed, 3), "changes_per_s": round(changes / elapsed),
             "from_first_flush_s": round(time.monotonic() - (first_flush or t), 3),
-            "peak_rss_mb": round(peak, 1)}
+            "peak_rss_mb": round(peak, 1), "reader_cpu_us_per_change": round(cpu * 1e6 / changes, 1)}
 
 
 def main(changes: int = 200_000) -> None:
@@ -115,4 +117,5 @@ def main(changes: int = 200_000) -> None:
     recv = result["pg_recvlogical"]
     path = save("ingest", result)
     print(f"changes={changes} pg_recvlogical={recv['changes_per_s']}/s pgsink={result['pgsink']['changes_per_s']}/s "
-          f"ratio={result['ratio']} peak_rss={result['pgsink']['peak_rss_mb']}MB -> {path}")
+          f"ratio={result['ratio']} peak_rss={result['pgsink']['peak_rss_mb']}MB "
+          f"reader_cpu={result['pgsink']['reader_cpu_us_per_change']}us/change -> {path}")

@@ -40,7 +40,17 @@ from .decode import (
 )
 from .errors import PgsinkError
 from .filters import Predicate, sink_predicate
-from .ingest import TX_COMPLETE, IngestBuffer, LeadershipLost, PendingChange, Position, group_key, record_key
+from .ingest import (
+    TX_COMPLETE,
+    IngestBuffer,
+    LeadershipLost,
+    PendingChange,
+    Position,
+    copy_relation_text,
+    group_key,
+    key_text,
+    record_key,
+)
 from .queries import QUERIES
 from .replication import ReplicationStream
 from .source import ensure_slot_and_publication
@@ -67,7 +77,16 @@ class ReaderSettings:
     config_poll: float = 2.0
 
 
-@dataclass
+@dataclass(slots=True)
+class _Route:
+    """Per (table, action): the target sinks (key, lanes, grouping, group columns) and text made once."""
+
+    targets: list[tuple[bytes, int, bool, tuple[str, ...] | None]]
+    group_prefix: str   # "schema.table:", the group key of a row is this + its primary key
+    copy_text: bytes    # the table's columns of a pgsink.changes COPY row
+
+
+@dataclass(slots=True)
 class _Tx:
     commit_lsn: int
     committed_at: Any
@@ -87,8 +106,8 @@ class SourceReader:
         self.source = source
         self.settings = settings or ReaderSettings()
         self.sinks: list[model.Sink] = []
-        # (table oid, action) -> the sinks its changes go to; rebuilt on config or relation changes
-        self._routes: dict[tuple[int, str], list[tuple[bytes, int, bool, tuple[str, ...] | None]]] = {}
+        # (table oid, action) -> where its changes go; rebuilt on config or relation changes
+        self._routes: dict[tuple[int, str], _Route] = {}
         self._predicates: dict[bytes, tuple[model.Sink, Predicate]] = {}  # sinks with filters (engine.filters)
         self._filtering = False
         self._broken_filters = False  # some sink's filters failed to build: retried at each config poll
@@ -196,7 +215,12 @@ class SourceReader:
                         events = decoder.feed(frame.payload)
                         while True:
                             for event in events:
-                                tx = await self._on_event(event, tx, buffer, source_conn, types, state)
+                                if type(event) is RowChange and tx is not None and not event.unchanged_toast:
+                                    self._on_row(event, tx, buffer)  # the hot path: no await
+                                    if len(buffer.changes) >= self.settings.flush_changes:
+                                        await flusher.submit(wait=True)  # a chunk; no ack past its commit
+                                else:
+                                    tx = await self._on_event(event, tx, buffer, source_conn, types, state)
                             if not decoder.pending:
                                 break
                             events = decoder.resume()  # the types it paused for are loaded now
@@ -241,15 +265,9 @@ class SourceReader:
                         state: psycopg.AsyncConnection) -> _Tx | None:
         if isinstance(event, RowChange):
             assert tx is not None, "row change outside a transaction"
-            if event.schema == STATE_SCHEMA:
-                return tx  # pgsink's own tables never enter the stream
-            idx, tx.next_idx = tx.next_idx, tx.next_idx + 1
-            if idx <= tx.skip_upto:
-                return tx
-            tx.kept += 1
-            if event.unchanged_toast:
+            if event.unchanged_toast and event.schema != STATE_SCHEMA and tx.next_idx > tx.skip_upto:
                 await self._fill_toast(event, record_key(event.record, event.key_columns), buffer, state)
-            self._add_change(event, tx, idx, buffer)
+            self._on_row(event, tx, buffer)
             if len(buffer.changes) >= self.settings.flush_changes:
                 await self._flusher.submit(wait=True)  # a chunk of a large transaction; no ack past its commit
             return tx
@@ -282,26 +300,49 @@ class SourceReader:
             return tx
         return tx
 
-    def _add_change(self, change: RowChange, tx: _Tx, idx: int, buffer: IngestBuffer) -> None:
+    def _on_row(self, change: RowChange, tx: _Tx, buffer: IngestBuffer) -> None:
+        """Number the change within its transaction; buffer it unless it is ours or already durable."""
+        if change.schema == STATE_SCHEMA:
+            return  # pgsink's own tables never enter the stream
+        idx, tx.next_idx = tx.next_idx, tx.next_idx + 1
+        if idx <= tx.skip_upto:
+            return
+        tx.kept += 1
+        route = self._routes.get((change.table_oid, change.action))
+        if route is None:
+            route = self._routes[(change.table_oid, change.action)] = self._route(change)
+        record = change.record
         pk = change.key_columns  # the primary key, from the catalog
-        record_pk = record_key(change.record, pk) if pk else None
-        route = (change.table_oid, change.action)
-        targets = self._routes.get(route)
-        if targets is None:
-            targets = self._routes[route] = self._route(change)
+        if not pk:
+            record_pk = None
+        elif len(pk) == 1:
+            value = record.get(pk[0])
+            record_pk = value if type(value) is str else key_text(value)
+        else:
+            record_pk = record_key(record, pk)
+        targets = route.targets
         if self._filtering and targets:
             targets = [t for t in targets if self._passes(t[0], change, tx, idx)]
-        messages = [(sink_key, lanes,
-                     group_key(change.schema, change.table, change.record, columns, record_pk) if grouping else None)
-                    for sink_key, lanes, grouping, columns in targets]
+        messages = []
+        for sink_key, lanes, grouping, columns in targets:
+            if not grouping:
+                key = None
+            elif columns is None and record_pk is not None:
+                key = route.group_prefix + record_pk  # == group_key(...), without the call
+            else:
+                key = group_key(change.schema, change.table, record, columns, record_pk)
+            messages.append((sink_key, lanes, key))
         buffer.add(PendingChange(tx.commit_lsn, idx, tx.xid, tx.committed_at, tx.committed_text, change,
-                                 record_pk, tx.annotations, messages))
+                                 route.copy_text, record_pk, tx.annotations, messages))
 
-    def _route(self, change: RowChange) -> list[tuple[bytes, int, bool, tuple[str, ...] | None]]:
+    def _route(self, change: RowChange) -> _Route:
         """The sinks a table's changes of one action go to, with what their group keys need."""
-        return [(str(s.id).encode(), s.lane_count, s.message_grouping, s.group_columns(change.schema, change.table))
-                for s in self.sinks
-                if change.action in s.actions and s.matches_table(change.schema, change.table)]
+        targets = [(str(s.id).encode(), s.lane_count, s.message_grouping,
+                    s.group_columns(change.schema, change.table))
+                   for s in self.sinks
+                   if change.action in s.actions and s.matches_table(change.schema, change.table)]
+        return _Route(targets, f"{change.schema}.{change.table}:",
+                      copy_relation_text(change.table_oid, change.schema, change.table, change.action))
 
     def _passes(self, sink_key: bytes, change: RowChange, tx: _Tx, idx: int) -> bool:
         """The sink's filters (column, SQL, Python) at enqueue time; on an error the change is kept."""

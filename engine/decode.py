@@ -85,8 +85,12 @@ class XLogData:
 
     wal_start: int
     wal_end: int
-    send_time: datetime
+    send_micros: int  # microseconds since 2000-01-01; a datetime per message costs more than the decode
     payload: bytes
+
+    @property
+    def send_time(self) -> datetime:
+        return pg_timestamp(self.send_micros)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +113,7 @@ def parse_copy_data(buf: bytes) -> XLogData | Keepalive:
     try:
         if kind == b"w":
             start, end, sent = _XLOG_HEADER.unpack_from(buf, 1)
-            return XLogData(start, end, pg_timestamp(sent), bytes(buf[25:]))
+            return XLogData(start, end, sent, buf[25:])
         if kind == b"k":
             end, sent, reply = _KEEPALIVE.unpack_from(buf, 1)
             return Keepalive(end, pg_timestamp(sent), reply)

@@ -52,6 +52,7 @@ class PendingChange:
     committed_at: datetime
     committed_text: bytes  # committed_at as COPY text, computed once per transaction
     change: RowChange
+    relation_text: bytes   # copy_relation_text() of the change, computed once per table and action
     record_pk: str | None
     annotations: bytes | None
     messages: list[tuple[bytes, int, str | None]]  # (sink id as text, its lane count, group key)
@@ -187,10 +188,9 @@ class IngestBuffer:
         lines = []
         for c in changes:
             ch = c.change
-            lines.append(b"%s\t%d\t%d\t%d\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" % (
-                source_id, c.commit_lsn, c.commit_idx, c.xid, c.committed_text,
-                ch.table_oid, _name(ch.schema), _name(ch.table), _name(ch.action), _text(c.record_pk),
-                _json(ch.record), _json(ch.changes), _json_bytes(c.annotations)))
+            lines.append(b"%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n" % (
+                source_id, c.commit_lsn, c.commit_idx, c.xid, c.committed_text, c.relation_text,
+                _text(c.record_pk), _json(ch.record), _json(ch.changes), _json_bytes(c.annotations)))
         return b"".join(lines)
 
     def _messages_copy_data(self, changes: list[PendingChange]) -> bytes:
@@ -214,7 +214,8 @@ class IngestBuffer:
         Keeps one spare id partition ahead; the id high-water mark is read only
         when our own estimate says the spare may be getting used.
         """
-        days = {c.committed_at.strftime("%Y%m%d") for c in changes} - self._partition_days
+        stamps = {c.committed_at for c in changes}  # one per transaction: format only those
+        days = {s.strftime("%Y%m%d") for s in stamps} - self._partition_days
         self._ids_estimate += n_messages
         need_ids = n_messages > 0 and self._ids_estimate + MESSAGE_PARTITION_SPAN >= self._message_id_limit
         if not days and not need_ids:
@@ -225,13 +226,17 @@ class IngestBuffer:
             high = (await cur.fetchone())[0]  # type: ignore[index]
             self._ids_estimate = high + n_messages
         upto = high + n_messages + MESSAGE_PARTITION_SPAN if high is not None else None
-        stamps = [c.committed_at for c in changes]
         async with conn.transaction():
             await conn.execute(QUERIES["ensure_partitions"], (
                 min(stamps) if days else None, max(stamps) if days else None, high, upto))
         self._partition_days |= days
         if upto is not None:
             self._message_id_limit = (upto // MESSAGE_PARTITION_SPAN + 1) * MESSAGE_PARTITION_SPAN
+
+
+def copy_relation_text(table_oid: int, schema: str, table: str, action: str) -> bytes:
+    """The source_table_oid .. action columns of a pgsink.changes COPY row."""
+    return b"%d\t%s\t%s\t%s" % (table_oid, _text(schema), _text(table), _text(action))
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})

@@ -9,6 +9,7 @@ new work; stages finish in-flight work within their grace period.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -58,8 +59,23 @@ def build_stages(dsn: str, roles: Iterable[str], *, worker_id: str,
     return stages
 
 
+def tune_gc() -> None:
+    """Fewer garbage-collector passes over long-lived objects.
+
+    The reader allocates several objects per change and keeps a batch of them
+    alive until it is written, so with the default thresholds the collector
+    keeps re-scanning them (and every module loaded at start-up): ~15% of the
+    reader's CPU in benchmarks/. Freezing what start-up made and collecting the
+    young generation less often removes most of that; reference counting still
+    frees almost everything at once.
+    """
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 async def run_stages(stages: dict[str, Stage], *, install_signals: bool = True) -> None:
     """Run until a signal or until one stage fails (then stop the others and re-raise)."""
+    tune_gc()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 

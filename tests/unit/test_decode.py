@@ -79,7 +79,8 @@ def test_xlogdata_frame() -> None:
     buf = (b"w" + b"\x00\x00\x00\x16\xb3\x74\xd8\x48" + b"\x00\x00\x00\x16\xb3\x74\xd9\x00"
            + b"\x00\x00\x00\x00\x00\x0f\x42\x40" + b"B-payload")
     msg = parse_copy_data(buf)
-    assert msg == XLogData(0x16B374D848, 0x16B374D900, T1, b"B-payload")
+    assert msg == XLogData(0x16B374D848, 0x16B374D900, 1_000_000, b"B-payload")
+    assert msg.send_time == T1
 
 
 def test_keepalive_frame() -> None:
