@@ -61,7 +61,7 @@ from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
 log = logging.getLogger("pgsink.capture")
 
 STATE_SCHEMA = "pgsink"
-YIELD_EVERY = 5  # messages between yields to the event loop while draining the stream
+YIELD_EVERY = 20  # messages between yields to the event loop while draining the stream
 ANNOTATIONS_PREFIX = "pgsink:annotations"
 
 
