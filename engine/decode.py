@@ -340,6 +340,39 @@ def _read_tuple(buf: bytes, pos: int, end: int, binary_as_text: bool = False) ->
     return values, pos, special
 
 
+def _plain_record(buf: bytes, pos: int, end: int, names: Sequence[str],
+                  convs: Sequence[Converter | None]) -> dict[str, Any] | None:
+    """TupleData straight to a record in one pass, for a tuple of only text and NULL values.
+
+    None when anything is unusual (a TOAST marker, a binary value, a column
+    count that differs from the Relation, bad UTF-8, a converter that raises,
+    a truncated message): the careful path (_read_tuple + convert_row) then
+    handles, or reports, the same bytes.
+    """
+    if ((buf[pos] << 8) | buf[pos + 1]) != len(names):
+        return None
+    pos += 2
+    record: dict[str, Any] = {}
+    unpack = _KIND_LEN.unpack_from
+    try:
+        for name, conv in zip(names, convs, strict=True):
+            kind, ln = unpack(buf, pos)
+            if kind == _T:
+                pos += 5
+                nxt = pos + ln
+                text = buf[pos:nxt].decode()
+                record[name] = text if conv is None else conv(text)
+                pos = nxt
+            elif kind == _N:
+                record[name] = None
+                pos += 1
+            else:
+                return None
+    except Exception:  # noqa: BLE001 - the careful path redoes this row value by value
+        return None
+    return record if pos <= end else None
+
+
 def _tuple(buf: bytes, pos: int, end: int) -> tuple[Tuple, int]:
     values, pos, _ = _read_tuple(buf, pos, end)
     return tuple(values), pos
@@ -778,6 +811,15 @@ class PgoutputDecoder:
         buf = payload + _PAD
         (oid,) = _U32.unpack_from(buf, 1)
         marker = buf[5]
+        if marker == _NEW and kind != b"D":  # insert, or update without an old tuple: the most common rows
+            rel = self._rel(oid)
+            fast = _plain_record(buf, 6, end, rel.names, rel.convs)
+            if fast is not None:
+                out: list[Event] = []
+                self._tx_started(out)
+                out.append(RowChange("insert" if kind == b"I" else "update", oid, rel.schema, rel.msg.name, fast,
+                                     None, rel.keys, ()))
+                return out
         old_kind: str | None = None
         old: list[Any] | None = None
         new: list[Any] | None = None
@@ -799,7 +841,7 @@ class PgoutputDecoder:
                 raise DecodeError(f"delete without an old tuple (got {chr(marker)!r})")
             old_kind = chr(marker)
             old, _, old_special = _read_tuple(buf, 6, end, True)
-        out: list[Event] = []
+        out = []
         self._tx_started(out)
         out.append(self._row(oid, kind, old_kind, old, old_special, new, new_special))
         return out

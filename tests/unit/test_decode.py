@@ -384,6 +384,17 @@ def test_binary_values_and_odd_text_never_fail_a_row() -> None:
     assert events[2].record == {"id": 1, "n": "abc", "b": "\\x01ff"}
 
 
+def test_text_rows_that_fail_conversion_take_the_careful_path() -> None:
+    # an int column holding text and invalid UTF-8: plain text-only tuples are decoded in one pass,
+    # and when that pass fails the row is redone value by value, keeping the odd texts
+    ins = b"I\x00\x00\x40\x01N\x00\x02t\x00\x00\x00\x03abct\x00\x00\x00\x02\xff!"
+    events = run(PgoutputDecoder(TypeRegistry()), [REL_ORDERS, BEGIN_1, ins, COMMIT_1])
+    assert events[2].record == {"id": "abc", "note": "\ufffd!"}
+    truncated = b"I\x00\x00\x40\x01N\x00\x02t\x00\x00\x00\x0242t\x00\x00\x00\x09short"
+    with pytest.raises(DecodeError, match="ends inside"):
+        run(PgoutputDecoder(TypeRegistry()), [REL_ORDERS, BEGIN_1, truncated, COMMIT_1])
+
+
 def test_truncate_and_non_transactional_message_outside_a_transaction() -> None:
     msg = b"M\x00" + b"\x00\x00\x00\x00\x01\x51\xd4\xa8" + b"nt\x00" + b"\x00\x00\x00\x05" + b"hello"
     trunc = b"T\x00\x00\x00\x02\x01\x00\x00\x40\x01\x00\x00\x40\x07"
