@@ -24,7 +24,7 @@ import psycopg
 
 from pgsink.engine.embedded import EmbeddedPostgres, free_port
 
-from .common import BENCHMARK_TABLE, save
+from .common import BENCHMARK_TABLE, cpu_seconds, save
 
 CONFIG = """
 databases:
@@ -129,6 +129,8 @@ def run(changes: int, batch_size: int, rate: float | None = None,
                 if st["count"] >= total or time.time() > deadline:
                     break
                 time.sleep(1)
+            cpu = {role: round(cpu_seconds(w.pid), 1) for role, w in zip(roles, workers, strict=True)}
+            cpu["receiver"] = round(cpu_seconds(receiver.pid), 1)
         finally:
             for w in workers:
                 w.terminate()
@@ -150,6 +152,7 @@ def run(changes: int, batch_size: int, rate: float | None = None,
         "last_over_first": round(last / first, 2),
         "latency_p50_ms": round(statistics.median(lat) * 1000, 1),
         "latency_p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 1),
+        "cpu_s": cpu,  # per process over the whole run; the machine has os.cpu_count() cores
     }
 
 
