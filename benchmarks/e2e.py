@@ -79,8 +79,7 @@ def _load(dsn: str, changes: int, rate: float | None) -> float:
                 upd = rng.sample(live, min(30 * TX_SCALE, len(live)))
                 conn.execute("update benchmark_records set numeric_field = numeric_field + 1, string_field = 'u'"
                              " where id = any(%s)", (upd,))
-                rng.shuffle(live)
-                gone, live[:] = live[:10 * TX_SCALE], live[10 * TX_SCALE:]
+                gone = [_take_random(live, rng) for _ in range(min(10 * TX_SCALE, len(live)))]
                 conn.execute("delete from benchmark_records where id = any(%s)", (gone,))
             done += len(ids) + len(upd) + len(gone)
             if rate:
@@ -88,6 +87,13 @@ def _load(dsn: str, changes: int, rate: float | None) -> float:
                 if ahead > 0:
                     time.sleep(ahead)
     return time.time()
+
+
+def _take_random(items: list[int], rng: random.Random) -> int:
+    """Remove and return a random item in O(1) (shuffling the whole list made long runs quadratic)."""
+    i = rng.randrange(len(items))
+    items[i], items[-1] = items[-1], items[i]
+    return items.pop()
 
 
 def _stats(port: int) -> dict[str, Any]:
