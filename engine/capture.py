@@ -26,7 +26,6 @@ import psycopg
 from . import model
 from .db import connect
 from .decode import (
-    Keepalive,
     LogicalMessage,
     PgoutputDecoder,
     RelationSeen,
@@ -195,7 +194,7 @@ class SourceReader:
             last_status = loop.time()
             last_config = loop.time()
             server_pos = ack_lsn
-            since_yield = 0
+            flush_changes = self.settings.flush_changes
             while not self.stopping:
                 # Drain what the server sends; flush when it pauses (idle_gap), when the
                 # buffer is full, or when its oldest change waited flush_interval.
@@ -209,35 +208,38 @@ class SourceReader:
                         last_status = loop.time()
                 elif raw is None:
                     raw = await stream.read(1.0)
-                if raw is not None:
+                # A burst: up to YIELD_EVERY messages that are already here, with only the
+                # per-message work in the loop; the checks below run once per burst.
+                burst = 0
+                while raw is not None:
                     frame = parse_copy_data(raw)
-                    if isinstance(frame, XLogData):
+                    if type(frame) is XLogData:
                         events = decoder.feed(frame.payload)
                         while True:
                             for event in events:
                                 if type(event) is RowChange and tx is not None and not event.unchanged_toast:
                                     self._on_row(event, tx, buffer)  # the hot path: no await
-                                    if len(buffer.changes) >= self.settings.flush_changes:
+                                    if len(buffer.changes) >= flush_changes:
                                         await flusher.submit(wait=True)  # a chunk; no ack past its commit
                                 else:
                                     tx = await self._on_event(event, tx, buffer, source_conn, types, state)
                             if not decoder.pending:
                                 break
                             events = decoder.resume()  # the types it paused for are loaded now
-                    elif isinstance(frame, Keepalive):
+                    else:  # Keepalive
                         server_pos = max(server_pos, frame.wal_end)
                         if frame.reply_requested:
                             last_status = -1e9  # answer at once, below
-                    if buffer.dirty and (len(buffer.changes) >= self.settings.flush_changes
-                                         or buffer.age() >= self.settings.flush_interval):
-                        # while the previous batch is still being written, keep reading into
-                        # this one (batches grow to match the write time), up to flush_changes
-                        await flusher.submit(wait=len(buffer.changes) >= self.settings.flush_changes)
-                        last_status = loop.time()
-                    since_yield += 1
-                    if since_yield >= YIELD_EVERY:  # let the write in flight (and other stages) progress
-                        since_yield = 0
-                        await asyncio.sleep(0)
+                    burst += 1
+                    raw = stream.read_nowait() if burst < YIELD_EVERY else None
+                if buffer.dirty and (len(buffer.changes) >= flush_changes
+                                     or buffer.age() >= self.settings.flush_interval):
+                    # while the previous batch is still being written, keep reading into
+                    # this one (batches grow to match the write time), up to flush_changes
+                    await flusher.submit(wait=len(buffer.changes) >= flush_changes)
+                    last_status = loop.time()
+                if burst >= YIELD_EVERY:  # more may be waiting: let the write in flight (and other stages) progress
+                    await asyncio.sleep(0)
                 if flusher.done:
                     await flusher.settle()
                 now = loop.time()
