@@ -25,7 +25,7 @@ import psycopg
 from pgsink.engine import backfill
 from pgsink.engine.embedded import EmbeddedPostgres, free_port
 
-from .common import BENCHMARK_TABLE, INSERT_ROWS, peak_rss_mb, save
+from .common import BENCHMARK_TABLE, INSERT_ROWS, cpu_seconds, peak_rss_mb, save
 from .e2e import CONFIG
 
 
@@ -33,6 +33,8 @@ def _live_load(dsn: str, stop: threading.Event, rate: float, rows: int) -> int:
     """Updates of random existing rows at about `rate` changes/s until stopped."""
     done = 0
     rng = random.Random(3)
+    if rate <= 0:
+        return 0
     with psycopg.connect(dsn, autocommit=True) as conn:
         start = time.monotonic()
         while not stop.is_set():
@@ -91,6 +93,9 @@ def run(rows: int, live_rate: float) -> dict[str, Any]:
                 time.sleep(1)
             stop.set()
             loader.join()
+            cpu = {role: round(cpu_seconds(w.pid), 1)
+                   for role, w in zip(("reader", "delivery", "backfill"), workers, strict=True)}
+            cpu["receiver"] = round(cpu_seconds(receiver.pid), 1)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 slowest = conn.execute("select max(max_page_ms) from pgsink.backfills").fetchone()[0]  # type: ignore[index]
         finally:
@@ -109,7 +114,7 @@ def run(rows: int, live_rate: float) -> dict[str, Any]:
             "live_rate_target": live_rate, "seconds": round(last - t0, 2),
             "rows_per_s": round(reads / max(last - t0, 1e-9)), "max_page_ms_setting": slowest,
             "pages_over_time_limit": over_limit, "backfill_worker_peak_rss_mb": round(peak_rss, 1),
-            "worker_processes": ["reader", "delivery", "backfill"], "batch_size": 100}
+            "worker_processes": ["reader", "delivery", "backfill"], "batch_size": 100, "cpu_s": cpu}
 
 
 def main(rows: int, live_rate: float) -> None:

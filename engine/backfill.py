@@ -329,7 +329,7 @@ class BackfillStage:
                 await state.execute(QUERIES["backfill_lock_sink"], {"sink_id": job.sink_id})
                 cur = await state.execute(QUERIES["backfill_recent_changes"], {
                     "source_id": source_id, "table_oid": table_oid, "record_pks": page.record_pks,
-                    "since": page.read_at - self.visibility_margin})
+                    "since": page.read_at - self.visibility_margin}, prepare=False)
                 superseded = {pk for pk, xid in await cur.fetchall() if not page.snapshot.sees(xid)}
                 keep = [i for i, pk in enumerate(page.record_pks) if pk not in superseded]
                 await state.execute(QUERIES["backfill_enqueue_page"], {

@@ -35,10 +35,16 @@ select pgsink.lock_sinks_for_enqueue(array[%(sink_id)s]::uuid[])
 -- name: backfill_recent_changes
 -- Captured changes of the page's rows since the page's snapshot minus a
 -- margin, with their transaction ids, to find the ones the snapshot did not see.
-select record_pk, xid
-from pgsink.changes
-where source_id = %(source_id)s and source_table_oid = %(table_oid)s
-  and record_pk = any(%(record_pks)s::text[]) and committed_at >= %(since)s
+-- A join, not "record_pk = any(array)": as a filter that compares every change
+-- row with every key of the page (measured: 6.7 s for a 10k-row page against
+-- 14k changes under a generic plan), while a join hashes the keys or probes
+-- the changes_row index per key. Run unprepared, so it is planned for the
+-- page's real size.
+select c.record_pk, c.xid
+from unnest(%(record_pks)s::text[]) as p(record_pk)
+join pgsink.changes c
+  on c.source_id = %(source_id)s and c.source_table_oid = %(table_oid)s
+ and c.record_pk = p.record_pk and c.committed_at >= %(since)s
 
 -- name: backfill_enqueue_page
 select pgsink.enqueue_backfill_page(%(id)s, %(owner)s, %(cursor)s::jsonb, %(rows_read)s, %(page_size)s,
