@@ -190,22 +190,22 @@ async def test_source_restart_reconnects_without_loss(own_server: EmbeddedPostgr
 
 
 async def test_huge_transaction_keeps_reader_memory_bounded(aconn: psycopg.AsyncConnection, source: str) -> None:
-    """A 300k-row transaction is written in chunks; the reader's peak RSS stays far below the data size.
+    """A 1M-row transaction is written in chunks; the reader's peak RSS stays far below the data size.
 
     The bound: at most two batches of flush_changes (5000) changes are in memory
     at once (one being written, one filling), so peak RSS is the interpreter plus
-    a few MB whatever the transaction's size. The 1M-row run is in benchmarks/.
+    a few MB whatever the transaction's size; we assert under 150 MB (measured: ~80 MB).
     """
     proc = start_reader(source)
     try:
         await wait_for(lambda: fetchval(aconn, "select count(*) from pg_replication_slots where active"),
                        what="reader streaming")
-        await aconn.execute("insert into items select g, repeat(md5(g::text), 12) from generate_series(1, 300000) g")
-        await wait_for(lambda: _count_at_least(aconn, 300000), timeout=240, interval=0.5, what="300k changes")
+        await aconn.execute("insert into items select g, repeat(md5(g::text), 6) from generate_series(1, 1000000) g")
+        await wait_for(lambda: _count_at_least(aconn, 1_000_000), timeout=400, interval=1.0, what="1M changes")
         status = Path(f"/proc/{proc.pid}/status").read_text()
         peak_mb = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
     finally:
         finish(proc)
     data_mb = await fetchval(aconn, "select sum(octet_length(record::text)) / 1048576 from pgsink.changes")
-    assert data_mb > 100  # the transaction is much bigger than what the reader may hold
+    assert data_mb > 200  # the transaction is much bigger than what the reader may hold
     assert peak_mb < 150, f"reader peak RSS {peak_mb:.0f} MB"
