@@ -32,6 +32,14 @@ def e2e(changes: int = typer.Option(200_000, help="Changes to write (batch size 
 
 
 @app.command()
+def costs(changes: int = typer.Option(100_000, help="Changes to record and replay.")) -> None:
+    """CPU per change of the reader's Python work and of the state COPY, each measured alone."""
+    from .costs import main
+
+    main(changes)
+
+
+@app.command()
 def claim() -> None:
     """Claim cost with 10k vs 1M pending messages and 100k parked behind one group."""
     from .claim import main
