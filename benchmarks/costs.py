@@ -29,7 +29,8 @@ import psycopg
 
 from pgsink.engine import model
 from pgsink.engine.capture import SESSION_OPTIONS, SourceReader
-from pgsink.engine.decode import PgoutputDecoder, RowChange, XLogData, parse_copy_data
+from pgsink.engine.decode import PgoutputDecoder, RowChange
+from pgsink.engine.framing import XLogData, parse_copy_data
 from pgsink.engine.embedded import EmbeddedPostgres
 from pgsink.engine.ingest import IngestBuffer, Position
 from pgsink.engine.replication import ReplicationStream

@@ -33,6 +33,8 @@ from .decode import (
     TableTruncate,
     TxBegin,
     TxCommit,
+)
+from .framing import (
     XLogData,
     parse_copy_data,
     standby_status_update,

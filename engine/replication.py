@@ -17,7 +17,7 @@ import psycopg
 from psycopg import pq, sql
 
 from .db import redact
-from .decode import format_lsn
+from .framing import format_lsn
 from .errors import SourceError
 
 log = logging.getLogger("pgsink.replication")

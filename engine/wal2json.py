@@ -50,8 +50,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .decode import (
-    UNCHANGED_TOAST,
-    DecodeError,
     Event,
     LogicalMessage,
     RelationSeen,
@@ -62,8 +60,9 @@ from .decode import (
     changed_old_values,
     convert_row,
     old_values_record,
-    parse_lsn,
 )
+from .framing import DecodeError, parse_lsn
+from .pgoutput import UNCHANGED_TOAST
 from .values import Converter, TypeRegistry
 
 log = logging.getLogger("pgsink.decode")

@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 from pgsink.engine.decode import (
-    DecodeError,
     Event,
     LogicalMessage,
     PgoutputDecoder,
@@ -35,6 +34,7 @@ from pgsink.engine.decode import (
     TxBegin,
     TxCommit,
 )
+from pgsink.engine.framing import DecodeError
 from pgsink.engine.values import RawJson, TypeRegistry, dumps
 from pgsink.engine.wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
 
