@@ -229,7 +229,7 @@ def read_plain_record(buf: bytes, pos: int, end: int, names: Sequence[str],
 
     None when anything is unusual (a TOAST marker, a binary value, a column
     count that differs from the Relation, bad UTF-8, a converter that raises,
-    a truncated message): the careful path (_read_tuple + convert_row) then
+    a truncated message): the careful path (read_tuple + convert_row) then
     handles, or reports, the same bytes.
     """
     if ((buf[pos] << 8) | buf[pos + 1]) != len(names):
