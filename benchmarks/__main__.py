@@ -24,7 +24,7 @@ def ingest(changes: int = typer.Option(200_000, help="Changes to write and inges
 def e2e(changes: int = typer.Option(200_000, help="Changes to write (batch size 1 is capped at 20k)."),
         batch_size: list[int] = typer.Option([1, 10, 100], help="Sink batch sizes to run."),
         rate: float = typer.Option(0, help="Target write rate, changes/s (0: as fast as possible)."),
-        variant: list[str] = typer.Option(["plain"], help="plain, sql-filter, python-transform.")) -> None:
+        variant: list[str] = typer.Option(["plain"], help="plain, sql-filter, python-transform, lanes64, lanes8.")) -> None:
     """Source writes -> pgsink -> local receiver: throughput, decay, latency."""
     from .e2e import main
 

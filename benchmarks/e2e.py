@@ -51,6 +51,8 @@ VARIANTS = {
     "plain": "",
     "sql-filter": '    filter: {{sql: "action = \'delete\' or (numeric_field >= 0 and string_field is not null)"}}\n',
     "python-transform": "    transform: {{python: \"{transform_file}\"}}\n",
+    "lanes64": "    lane_count: 64\n",  # the default before migration 0004
+    "lanes8": "    lane_count: 8\n",
 }
 
 TRANSFORM = '''

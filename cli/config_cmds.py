@@ -460,7 +460,7 @@ def sink_create(
     request_timeout_ms: Annotated[int | None, typer.Option("--request-timeout-ms", help="HTTP request timeout (default 30000).")] = None,
     max_ack_pending: Annotated[int | None, typer.Option("--max-ack-pending", help="Messages in flight at most (default 10000).")] = None,
     max_retry_count: Annotated[int | None, typer.Option("--max-retry-count", help="Give up on a message after this many failures (default: never).")] = None,
-    lane_count: Annotated[int | None, typer.Option("--lane-count", help="Parallel ordered lanes (default 64; fixed after creation).")] = None,
+    lane_count: Annotated[int | None, typer.Option("--lane-count", help="Parallel ordered lanes (default 16; fixed after creation).")] = None,
     status: Annotated[str | None, typer.Option("--status", help="active (default), paused or disabled.")] = None,
     annotation: Annotated[list[str] | None, typer.Option("--annotation", help="KEY=VALUE, sent in every message's metadata.")] = None,
     filter_json: Annotated[list[str] | None, typer.Option("--column-filter", help='A column filter as JSON, e.g. \'{"column_name": "status", "operator": "=", "comparison_value": "paid"}\' (repeatable).')] = None,

@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from .specs import (
     ACTIONS,
     DECODERS,
+    DEFAULT_LANE_COUNT,
     DEFAULT_RETENTION_SECONDS,
     SSLMODES,
     STATUSES,
@@ -427,7 +428,8 @@ def _read_sink(o: _Obj) -> SinkSpec | None:
     batch_timeout_ms = o.int("batch_timeout_ms", default=50, lo=0)
     request_timeout_ms = o.int("request_timeout_ms", default=30000, lo=1)
     max_ack_pending = o.int("max_ack_pending", default=10000, lo=1)
-    lane_count = o.int("lane_count", default=64, lo=1, hi=1024)
+    lane_count = o.int("lane_count", default=DEFAULT_LANE_COUNT, lo=1, hi=1024)
+    lane_count_given = o.has("lane_count")
     endpoint, path, batch = _read_destination(o)
     if not batch and (batch_size or 1) > 1:
         o.err("batch_size", f"is {batch_size} but destination.batch is false: without batching every "
@@ -447,8 +449,9 @@ def _read_sink(o: _Obj) -> SinkSpec | None:
         tables=tuple(tables), batch=batch, batch_size=batch_size or 1,
         batch_timeout_ms=batch_timeout_ms if batch_timeout_ms is not None else 50,
         request_timeout_ms=request_timeout_ms or 30000, max_ack_pending=max_ack_pending or 10000,
-        max_retry_count=max_retry_count, annotations=annotations, lane_count=lane_count or 64,
-        **functions, initial_backfill=initial_backfill, line=o.node.line,
+        max_retry_count=max_retry_count, annotations=annotations, lane_count=lane_count or DEFAULT_LANE_COUNT,
+        **functions, initial_backfill=initial_backfill, lane_count_given=lane_count_given,
+        line=o.node.line,
     )
 
 

@@ -133,7 +133,7 @@ def make_plan(desired: Desired, current: Config, *, prune: bool = False) -> Plan
     changed lane_count, and (with prune) deletions that would orphan a sink.
     """
     now = current_specs(current)
-    desired = _keep_signing_secrets(desired, now)
+    desired = _keep_lane_counts(_keep_signing_secrets(desired, now), now)
     problems: list[str] = []
     changes: list[Change] = []
     for kind, want, have in (("source", desired.sources, now.sources),
@@ -177,6 +177,15 @@ def _keep_signing_secrets(desired: Desired, now: Desired) -> Desired:
                  if e.signing and e.signing_secret is None and e.name in secrets_now else e
                  for e in desired.endpoints]
     return dataclasses.replace(desired, endpoints=endpoints)
+
+
+def _keep_lane_counts(desired: Desired, now: Desired) -> Desired:
+    """A sink whose file leaves lane_count out keeps the count it has (the default changed in 0004)."""
+    counts_now = {k.name: k.lane_count for k in now.sinks}
+    sinks = [dataclasses.replace(k, lane_count=counts_now[k.name])
+             if not k.lane_count_given and k.name in counts_now else k
+             for k in desired.sinks]
+    return dataclasses.replace(desired, sinks=sinks)
 
 
 def _prune(desired: Desired, now: Desired, problems: list[str]) -> list[Change]:

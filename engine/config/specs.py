@@ -18,6 +18,7 @@ from ..model import Config, HttpEndpoint, Sink, Source
 
 
 DEFAULT_RETENTION_SECONDS = 7 * 86400
+DEFAULT_LANE_COUNT = 16  # the column default since migration 0004 (why: see there)
 ACTIONS = ("insert", "update", "delete")
 STATUSES = ("active", "paused", "disabled")
 DECODERS = ("pgoutput", "wal2json")
@@ -113,6 +114,8 @@ class SinkSpec:
     enrichment_sql: str | None = None
     # tables to backfill when apply creates the sink (sequin.yaml initial_backfill); not a diffable setting
     initial_backfill: tuple[str, ...] = field(default=(), compare=False)
+    # false when the file left lane_count out: an existing sink then keeps its own (see plan)
+    lane_count_given: bool = field(default=True, compare=False)
     line: int = field(default=0, compare=False)
 
     def explicit_tables(self) -> set[tuple[str, str]]:

@@ -88,7 +88,7 @@ async def test_full_backfill_delivers_every_row_once_as_read(
     assert progress == ("completed", 2500, 2500, 100.0, True, None)
     # same group and lane as capture would give: "public.items:<pk>"
     assert await scalar(aconn, "select count(*) from pgsink.messages where group_key = 'public.items:' ||"
-                               " (payload->>'record_pk') and lane = pgsink.lane_for(group_key, 64)") == 2500
+                               " (payload->>'record_pk') and lane = pgsink.lane_for(group_key, 16)") == 2500
 
 
 async def test_partial_backfill_starts_at_the_position(

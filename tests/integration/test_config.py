@@ -69,7 +69,7 @@ async def test_apply_creates_rows_lanes_slot_publication_and_notifies(
     notes = [n async for n in aconn.notifies(timeout=10, stop_after=1)]
     assert [n.channel for n in notes] == ["pgsink_config"]
 
-    assert await config_counts(aconn) == (1, 1, 2, 16 + 64)
+    assert await config_counts(aconn) == (1, 1, 2, 16 + 16)
     assert await rows(aconn, f"select plugin from pg_replication_slots where slot_name = '{env['PGSINK_TEST_SLOT']}'") == [("pgoutput",)]
     assert await rows(aconn, "select puballtables from pg_publication where pubname = 'sequin_pub'") == [(True,)]
     [(pw_blob, headers_blob)] = await rows(
@@ -127,7 +127,17 @@ async def test_lane_count_change_is_refused(fresh_db: str, aconn: psycopg.AsyncC
     await cfg.apply_config(fresh_db, desired(FIXTURE, env))
     with pytest.raises(ConfigError, match=r"lane_count cannot change \(16 -> 32\).*split groups across lanes"):
         await cfg.apply_config(fresh_db, desired(FIXTURE.replace("lane_count: 16", "lane_count: 32"), env))
-    assert await config_counts(aconn) == (1, 1, 2, 80)
+    assert await config_counts(aconn) == (1, 1, 2, 16 + 16)
+
+
+async def test_a_file_without_lane_count_keeps_an_existing_sinks_lanes(
+        fresh_db: str, aconn: psycopg.AsyncConnection, env: dict[str, str]) -> None:
+    # sinks made before the default went from 64 to 16 lanes must not be refused (or split) later
+    await cfg.apply_config(fresh_db, desired(FIXTURE.replace("lane_count: 16", "lane_count: 64"), env))
+    assert await config_counts(aconn) == (1, 1, 2, 64 + 16)
+    result = await cfg.apply_config(fresh_db, desired(FIXTURE.replace("    lane_count: 16\n", ""), env))
+    assert result.plan.changes == []
+    assert await config_counts(aconn) == (1, 1, 2, 64 + 16)
 
 
 async def test_a_failing_source_check_writes_nothing(fresh_db: str, aconn: psycopg.AsyncConnection,
@@ -159,7 +169,7 @@ async def test_removing_used_objects_is_refused_then_allowed(fresh_db: str, acon
     with pytest.raises(ConfigError, match=r"Cannot remove source 'production-db': sinks orders-to-webhook, users-audit"):
         await cfg.remove_source(fresh_db, "production-db")
     await cfg.remove_sink(fresh_db, "orders-to-webhook")
-    assert await config_counts(aconn) == (1, 1, 1, 64)  # its lanes went with it
+    assert await config_counts(aconn) == (1, 1, 1, 16)  # its lanes went with it
     with pytest.raises(ConfigError, match="There is no sink named 'orders-to-webhook'"):
         await cfg.remove_sink(fresh_db, "orders-to-webhook")
     # prune: only the source and endpoint stay in the file, so the remaining sink goes
@@ -198,7 +208,7 @@ async def test_every_write_notifies(fresh_db: str, aconn: psycopg.AsyncConnectio
 async def test_concurrent_applies_write_once(fresh_db: str, aconn: psycopg.AsyncConnection, env: dict[str, str]) -> None:
     results = await asyncio.gather(*(cfg.apply_config(fresh_db, desired(FIXTURE, env)) for _ in range(3)))
     assert sorted(len(r.plan.changes) for r in results)[-1] == 4
-    assert await config_counts(aconn) == (1, 1, 2, 80)
+    assert await config_counts(aconn) == (1, 1, 2, 16 + 16)
 
 
 async def test_unmigrated_state_database_says_to_migrate(empty_db: str) -> None:

@@ -72,7 +72,7 @@ def test_minimal_defaults_match_sequin() -> None:
     d = parse(MINIMAL)
     [k] = d.sinks
     assert k.actions == ("insert", "update", "delete") and k.message_grouping and k.batch
-    assert (k.batch_size, k.status, k.lane_count, k.max_retry_count) == (1, "active", 64, None)
+    assert (k.batch_size, k.status, k.lane_count, k.max_retry_count) == (1, "active", 16, None)
     assert d.sources[0].username == "postgres" and d.sources[0].port == 5432
 
 
