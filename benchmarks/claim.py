@@ -30,7 +30,7 @@ from pgsink.engine.migrate import migrate
 
 from .common import save
 
-LANES = 64
+LANES = 16  # the default lane count (migration 0004); the 2026-11-27 first-session runs used 64
 BATCH = 100
 CYCLES = 300
 
