@@ -6,9 +6,15 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from pgsink.engine.embedded import EmbeddedPostgres
 
 RUNS_DIR = Path(__file__).parent / "runs"
 
@@ -77,3 +83,28 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def capture_database(pg: EmbeddedPostgres, slots: tuple[str, ...]) -> tuple[str, UUID, UUID]:
+    """Database "bench", migrated, with benchmark_records published, the slots made (the first
+    one pgsink's), and a source plus a paused sink; returns (dsn, source id, sink id)."""
+    dsn = pg.dsn("bench")
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("create database bench")
+    subprocess.run([sys.executable, "-m", "pgsink.cli", "migrate", "--database-url", dsn], check=True,
+                   capture_output=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(BENCHMARK_TABLE)
+        conn.execute("create publication bench_pub for table benchmark_records")
+        for slot in slots:
+            conn.execute("select pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        source_id = conn.execute(
+            "insert into pgsink.sources (name, hostname, port, database, username, slot_name, publication_name)"
+            " values ('bench', '127.0.0.1', %s, 'bench', 'postgres', %s, 'bench_pub') returning id",
+            (pg.port, slots[0])).fetchone()[0]  # type: ignore[index]
+        endpoint = conn.execute("insert into pgsink.http_endpoints (name, url) values ('ep', 'http://127.0.0.1:9')"
+                                " returning id").fetchone()[0]  # type: ignore[index]
+        sink_id = conn.execute("insert into pgsink.sinks (name, source_id, http_endpoint_id, status) values"
+                               " ('bench', %s, %s, 'paused') returning id",
+                               (source_id, endpoint)).fetchone()[0]  # type: ignore[index]
+    return dsn, source_id, sink_id

@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 from uuid import UUID
@@ -37,7 +35,7 @@ from pgsink.engine.replication import ReplicationStream
 from pgsink.engine.values import TypeRegistry
 from pgsink.engine.worker import tune_gc
 
-from .common import BENCHMARK_TABLE, INSERT_ROWS, save
+from .common import INSERT_ROWS, capture_database, save
 from .ingest import _write_workload
 
 PASSES = 5
@@ -65,24 +63,8 @@ COPY_VARIANTS = {
 
 def _setup(pg: EmbeddedPostgres, changes: int) -> tuple[str, UUID, UUID, int]:
     """A migrated database with a source, a sink, and a workload written after the slot was made."""
-    dsn = pg.dsn("bench")
-    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
-        admin.execute("create database bench")
-    subprocess.run([sys.executable, "-m", "pgsink.cli", "migrate", "--database-url", dsn], check=True,
-                   capture_output=True)
+    dsn, source_id, sink_id = capture_database(pg, ("bench_slot",))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(BENCHMARK_TABLE)
-        conn.execute("create publication bench_pub for table benchmark_records")
-        conn.execute("select pg_create_logical_replication_slot('bench_slot', 'pgoutput')")
-        source_id = conn.execute(
-            "insert into pgsink.sources (name, hostname, port, database, username, slot_name, publication_name)"
-            " values ('bench', '127.0.0.1', %s, 'bench', 'postgres', 'bench_slot', 'bench_pub') returning id",
-            (pg.port,)).fetchone()[0]  # type: ignore[index]
-        endpoint = conn.execute("insert into pgsink.http_endpoints (name, url) values ('ep', 'http://127.0.0.1:9')"
-                                " returning id").fetchone()[0]  # type: ignore[index]
-        sink_id = conn.execute("insert into pgsink.sinks (name, source_id, http_endpoint_id, status) values"
-                               " ('bench', %s, %s, 'paused') returning id",
-                               (source_id, endpoint)).fetchone()[0]  # type: ignore[index]
         _write_workload(conn, changes)
         end_lsn = conn.execute("select pg_current_wal_lsn() - '0/0'").fetchone()[0]  # type: ignore[index]
     return dsn, source_id, sink_id, end_lsn

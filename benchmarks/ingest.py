@@ -19,7 +19,7 @@ import psycopg
 
 from pgsink.engine.embedded import EmbeddedPostgres, find_bindir
 
-from .common import BENCHMARK_TABLE, INSERT_ROWS, cpu_seconds, rss_mb, save
+from .common import INSERT_ROWS, capture_database, cpu_seconds, rss_mb, save
 
 TX_ROWS = 1000
 
@@ -36,25 +36,8 @@ def _write_workload(conn: psycopg.Connection, changes: int) -> None:
 
 def run(changes: int = 200_000) -> dict[str, Any]:
     with EmbeddedPostgres(for_tests=False) as pg:
-        dsn = pg.dsn("bench")
-        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
-            admin.execute("create database bench")
-        subprocess.run([sys.executable, "-m", "pgsink.cli", "migrate", "--database-url", dsn], check=True,
-                       capture_output=True)
+        dsn, _, _ = capture_database(pg, ("pgsink_slot", "recv_slot"))
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(BENCHMARK_TABLE)
-            conn.execute("create publication bench_pub for table benchmark_records")
-            conn.execute("select pg_create_logical_replication_slot('recv_slot', 'pgoutput')")
-            conn.execute("select pg_create_logical_replication_slot('pgsink_slot', 'pgoutput')")
-            source_id = conn.execute(
-                "insert into pgsink.sources (name, hostname, port, database, username, slot_name,"
-                " publication_name) values ('bench', '127.0.0.1', %s, 'bench', 'postgres', 'pgsink_slot',"
-                " 'bench_pub') returning id", (pg.port,)).fetchone()[0]
-            ep = conn.execute("insert into pgsink.http_endpoints (name, url) values ('ep', 'http://127.0.0.1:9')"
-                              " returning id").fetchone()[0]
-            sink = conn.execute("insert into pgsink.sinks (name, source_id, http_endpoint_id, status) values"
-                                " ('bench', %s, %s, 'paused') returning id", (source_id, ep)).fetchone()[0]
-            conn.execute("insert into pgsink.lanes (sink_id, lane) select %s, generate_series(0, 63)", (sink,))
             t = time.monotonic()
             _write_workload(conn, changes)
             write_s = time.monotonic() - t

@@ -320,8 +320,7 @@ class SourceReader:
         if not pk:
             record_pk = None
         elif len(pk) == 1:
-            value = record.get(pk[0])
-            record_pk = value if type(value) is str else key_text(value)
+            record_pk = key_text(record.get(pk[0]))  # == record_key(), without the join
         else:
             record_pk = record_key(record, pk)
         targets = route.targets
