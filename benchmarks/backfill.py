@@ -23,14 +23,18 @@ import orjson
 import psycopg
 
 from pgsink.engine import backfill
-from pgsink.engine.embedded import EmbeddedPostgres, free_port
+from pgsink.engine.embedded import free_port
 
-from .common import BENCHMARK_TABLE, INSERT_ROWS, cpu_seconds, peak_rss_mb, save
+from .common import (BENCHMARK_TABLE, INSERT_ROWS, bench_postgres, cpu_seconds, machine_cpu, machine_cpu_since,
+                     peak_rss_mb, postgres_cpu, save, top_statements)
 from .e2e import CONFIG
 
 
 QUERY_DONE = "select bool_and(state = 'completed') from pgsink.backfills"
 QUERY_READS = "select count(*) from pgsink.messages where action = 'read'"
+QUERY_BACKFILL_LISTENING = """
+select count(*) > 0 from pg_stat_activity where application_name = 'pgsink backfill' and query like 'listen %'
+"""
 
 
 def _live_load(dsn: str, stop: threading.Event, rate: float, rows: int) -> int:
@@ -56,8 +60,20 @@ def _reads_received(port: int) -> tuple[int, int, list[float]]:
     return st["count"], st.get("reads", 0), st.get("read_arrivals", [])
 
 
+def _wait_until_up(dsn: str, port: int, live: bool) -> None:
+    """Until the workers run (reader and delivery pass live changes, the backfill stage listens):
+    the rate is of the backfill, not of starting processes."""
+    deadline = time.time() + 120
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while not (conn.execute(QUERY_BACKFILL_LISTENING).fetchone()[0]  # type: ignore[index]
+                   and (not live or _reads_received(port)[0] > 0)):
+            if time.time() > deadline:
+                raise RuntimeError("the workers did not start within 120 s")
+            time.sleep(0.2)
+
+
 def run(rows: int, live_rate: float) -> dict[str, Any]:
-    with EmbeddedPostgres(for_tests=False) as pg:
+    with bench_postgres() as pg:
         dsn = pg.dsn()
         env = {**os.environ, "PGSINK_DATABASE_URL": dsn}
         env.setdefault("PGSINK_SECRET_KEY", "A" * 43 + "=")
@@ -85,7 +101,9 @@ def run(rows: int, live_rate: float) -> dict[str, Any]:
                        for role in ("reader", "delivery", "backfill")]
             loader = threading.Thread(target=lambda: live.__setitem__("n", _live_load(dsn, stop, live_rate, rows)))
             loader.start()
+            _wait_until_up(dsn, rport, live_rate > 0)
             t0 = time.time()
+            machine0 = machine_cpu()
             asyncio.run(backfill.start(dsn, "bench", "public.benchmark_records", max_page_ms=5000))
             deadline = time.time() + 1800
             peak_rss = 0.0
@@ -108,6 +126,9 @@ def run(rows: int, live_rate: float) -> dict[str, Any]:
             cpu = {role: round(cpu_seconds(w.pid), 1)
                    for role, w in zip(("reader", "delivery", "backfill"), workers, strict=True)}
             cpu["receiver"] = round(cpu_seconds(receiver.pid), 1)
+            postgres = postgres_cpu(pg)
+            machine_s = machine_cpu_since(machine0)
+            statements = top_statements(pg)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 slowest = conn.execute("select max(max_page_ms) from pgsink.backfills").fetchone()[0]  # type: ignore[index]
         finally:
@@ -121,12 +142,21 @@ def run(rows: int, live_rate: float) -> dict[str, Any]:
             receiver.wait(30)
     log_text = open(log_path).read()
     over_limit = log_text.count("page over its time limit")
-    last = max(arrivals) if arrivals else t0
+    arrivals = sorted(arrivals)
+    last = arrivals[-1] if arrivals else t0
+    tenth = max(len(arrivals) // 10, 1)
+    deciles = {"first_10pct_per_s": round(tenth / max(arrivals[tenth - 1] - t0, 1e-9)),
+               "last_10pct_per_s": round(tenth / max(last - arrivals[-tenth], 1e-9)),
+               "reads_per_5s": [sum(1 for a in arrivals if t0 + i <= a < t0 + i + 5)
+                                for i in range(0, int(last - t0) + 1, 5)]} if arrivals else {}
     return {"rows": rows, "reads_received": reads, "reads_superseded_by_live_changes": rows - enqueued, "live_changes_written": live["n"],
             "live_rate_target": live_rate, "seconds": round(last - t0, 2),
-            "rows_per_s": round(reads / max(last - t0, 1e-9)), "max_page_ms_setting": slowest,
+            "rows_per_s": round(reads / max(last - t0, 1e-9)), **deciles,
+            "max_page_ms_setting": slowest,
             "pages_over_time_limit": over_limit, "backfill_worker_peak_rss_mb": round(peak_rss, 1),
-            "worker_processes": ["reader", "delivery", "backfill"], "batch_size": 100, "cpu_s": cpu}
+            "worker_processes": ["reader", "delivery", "backfill"], "batch_size": 100, "cpu_s": cpu,
+            "postgres_cpu_s": postgres, "machine_cpu_s": machine_s,
+            "top_statements": statements}
 
 
 def main(rows: int, live_rate: float) -> None:

@@ -78,6 +78,72 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu() -> dict[str, float]:
+    """Machine-wide CPU seconds so far (all cores): busy, idle, and stolen by the hypervisor.
+    Steal that grows during a run means a neighbour had the host's cores, and rates drop."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return {"busy": (user + nice + system + irq + softirq) / tick, "idle": (idle + iowait) / tick,
+            "steal": steal / tick}
+
+
+def machine_cpu_since(start: dict[str, float]) -> dict[str, float]:
+    now = machine_cpu()
+    return {k: round(now[k] - start[k], 1) for k in now}
+
+
+def _proc_cpu(pid: int, *, children: bool = False) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+QUERY_BACKENDS = """
+select pid, coalesce(nullif(application_name, ''), backend_type) from pg_stat_activity where pid <> pg_backend_pid()
+"""
+
+
+def postgres_cpu(pg: EmbeddedPostgres) -> dict[str, float]:
+    """CPU seconds of the server's processes so far, by application_name (PGAPPNAME of the
+    pgsink role) or backend type; "exited" is what finished backends and autovacuum used."""
+    postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+    out: dict[str, float] = {"exited": _proc_cpu(postmaster, children=True) - _proc_cpu(postmaster)}
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        for pid, name in conn.execute(QUERY_BACKENDS).fetchall():
+            try:
+                out[name] = out.get(name, 0.0) + _proc_cpu(pid)
+            except FileNotFoundError:
+                continue
+    return {k: round(v, 1) for k, v in sorted(out.items())}
+
+
+STATEMENTS_ENV = "PGSINK_BENCH_STATEMENTS"  # set to 1: record the top statements (pg_stat_statements)
+
+QUERY_TOP_STATEMENTS = """
+select round(total_exec_time)::bigint as ms, calls, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 160)
+from pg_stat_statements order by total_exec_time desc limit 12
+"""
+
+
+def bench_postgres() -> EmbeddedPostgres:
+    """The benchmarks' server; with PGSINK_BENCH_STATEMENTS=1 it also tracks statements."""
+    if not os.environ.get(STATEMENTS_ENV):
+        return EmbeddedPostgres(for_tests=False)
+    return EmbeddedPostgres(for_tests=False, settings={"shared_preload_libraries": "pg_stat_statements,auto_explain",
+                                                       "auto_explain.log_min_duration": "30",
+                                                       "pg_stat_statements.track": "all"})
+
+
+def top_statements(pg: EmbeddedPostgres, dbname: str = "postgres") -> list[list[Any]] | None:
+    """Statements by total execution time (ms, calls, rows, text), when tracked."""
+    if not os.environ.get(STATEMENTS_ENV):
+        return None
+    with psycopg.connect(pg.dsn(dbname), autocommit=True) as conn:
+        conn.execute("create extension if not exists pg_stat_statements")
+        return [list(r) for r in conn.execute(QUERY_TOP_STATEMENTS).fetchall()]
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -22,9 +22,9 @@ from typing import Any
 import orjson
 import psycopg
 
-from pgsink.engine.embedded import EmbeddedPostgres, free_port
+from pgsink.engine.embedded import free_port
 
-from .common import BENCHMARK_TABLE, cpu_seconds, save
+from .common import BENCHMARK_TABLE, bench_postgres, cpu_seconds, postgres_cpu, save, top_statements
 
 CONFIG = """
 databases:
@@ -105,7 +105,7 @@ def _stats(port: int) -> dict[str, Any]:
 
 def run(changes: int, batch_size: int, rate: float | None = None,
         roles: tuple[str, ...] = ("reader", "delivery"), variant: str = "plain") -> dict[str, Any]:
-    with EmbeddedPostgres(for_tests=False) as pg:
+    with bench_postgres() as pg:
         dsn = pg.dsn()
         env = {**os.environ, "PGSINK_DATABASE_URL": dsn}
         env.setdefault("PGSINK_SECRET_KEY", "A" * 43 + "=")
@@ -139,6 +139,8 @@ def run(changes: int, batch_size: int, rate: float | None = None,
                 time.sleep(1)
             cpu = {role: round(cpu_seconds(w.pid), 1) for role, w in zip(roles, workers, strict=True)}
             cpu["receiver"] = round(cpu_seconds(receiver.pid), 1)
+            postgres = postgres_cpu(pg)
+            statements = top_statements(pg)
         finally:
             for w in workers:
                 w.terminate()
@@ -160,6 +162,8 @@ def run(changes: int, batch_size: int, rate: float | None = None,
         "last_over_first": round(last / first, 2),
         "latency_p50_ms": round(statistics.median(lat) * 1000, 1),
         "latency_p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 1),
+        "postgres_cpu_s": postgres,
+        "top_statements": statements,
         "cpu_s": cpu,  # per process over the whole run; the machine has os.cpu_count() cores
     }
 

@@ -36,6 +36,8 @@ def worker(
     if not one_process and len(roles) > 1 and (os.cpu_count() or 1) > 1:
         raise typer.Exit(_supervise(url, roles, source or [], sink or [], verbose))
     worker_id = new_worker_id()
+    # names this process's state-database sessions in pg_stat_activity (libpq reads PGAPPNAME)
+    os.environ.setdefault("PGAPPNAME", f"pgsink {'+'.join(roles)}")
 
     async def main() -> None:
         stages = build_stages(url, roles, worker_id=worker_id, sources=source, sinks=sink)

@@ -43,6 +43,7 @@ only a synchronous standby stalled that long -- is assumed seen).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -146,25 +147,34 @@ class BackfillStage:
         self.visibility_margin = visibility_margin
         self.max_page_size = max_page_size
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # a job may be waiting: look now
         self._sink: Sink  # the sink of the job being run
         self._predicate: Predicate | None = None  # its filters, as capture applies them
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     async def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                job = await self._claim()
-                if job is not None:
-                    await self._run_job(job)
-                    continue
-            except (psycopg.OperationalError, PgsinkError) as e:
-                log.warning("backfill: %s; retrying", e)
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.poll_interval * random.uniform(0.8, 1.2))
-            except TimeoutError:
-                pass  # the poll interval passed without a stop: look again
+        """Claim and run jobs until stopped; a new job (NOTIFY pgsink_backfills) wakes the stage at once."""
+        listener = asyncio.create_task(
+            db.listen(self.dsn, ("pgsink_backfills",), lambda _n: self._wake.set(), self._wake.set, self._stop),
+            name="pgsink.backfill.listen")
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                try:
+                    job = await self._claim()
+                    if job is not None:
+                        await self._run_job(job)
+                        continue
+                except (psycopg.OperationalError, PgsinkError) as e:
+                    log.warning("backfill: %s; retrying", e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval * random.uniform(0.8, 1.2))
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
 
     async def _claim(self) -> Job | None:
         async with db.connection(self.dsn, autocommit=True) as conn:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import PgsinkError
 
 DATABASE_URL_ENV = "PGSINK_DATABASE_URL"
+
+log = logging.getLogger("pgsink.db")
 
 
 def state_dsn(explicit: str | None = None) -> str:
@@ -66,3 +72,39 @@ async def connection(dsn: str, **kwargs: object) -> AsyncIterator[psycopg.AsyncC
         yield conn
     finally:
         await conn.close()
+
+
+async def listen(dsn: str, channels: Sequence[str], on_notify: Callable[[psycopg.Notify], None],
+                 on_subscribed: Callable[[], None], stop: asyncio.Event,
+                 conn: psycopg.AsyncConnection | None = None) -> None:
+    """LISTEN on ``channels`` until ``stop`` is set (or the task is cancelled).
+
+    A lost connection is reopened with capped backoff. Notifications sent
+    while nobody listened are lost, so ``on_subscribed`` runs after every
+    (re)subscription for the caller to look for work it may have missed; the
+    caller also polls, so an outage only delays work.
+    """
+    delay = 0.5
+    try:
+        while not stop.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = await connect(dsn, autocommit=True)
+                for channel in channels:
+                    await conn.execute(sql.SQL("listen {}").format(sql.Identifier(channel)))
+                delay = 0.5
+                on_subscribed()
+                async for n in conn.notifies():
+                    on_notify(n)
+            except (psycopg.OperationalError, PgsinkError) as e:
+                log.warning("LISTEN connection lost (%s); polling until it is back", e)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 10.0)
+    finally:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()

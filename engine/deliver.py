@@ -221,7 +221,7 @@ class DeliveryStage:
             await self._stop.wait()
         finally:
             await self._shutdown()
-            await listener.close()
+            await listener.close()  # the listen task closes it too; closing twice is harmless
         if self._fatal is not None:
             raise self._fatal
 
@@ -344,33 +344,17 @@ class DeliveryStage:
     # ------------------------------------------------------------ side loops
 
     async def _listen(self, conn: psycopg.AsyncConnection) -> None:
-        """LISTEN for new messages and config changes; reconnects, polling covers the gaps."""
-        delay = 0.5
-        while not self.stopping:
-            try:
-                if conn.closed:
-                    conn = await db.connect(self.dsn, autocommit=True)
-                await conn.execute(QUERIES["listen_messages"])
-                await conn.execute(QUERIES["listen_config"])
-                delay = 0.5
-                self._wake_all()  # anything sent while we were not listening
-                async for n in conn.notifies():
-                    if n.channel == "pgsink_config":
-                        assert self._config_dirty is not None
-                        self._config_dirty.set()
-                    else:
-                        self._on_messages(n.payload)
-            except (psycopg.OperationalError, PgsinkError) as e:
-                log.warning("LISTEN connection lost (%s); polling until it is back", e)
-                with contextlib.suppress(Exception):
-                    await conn.close()
-                assert self._stop is not None
-                await _wait_event(self._stop, delay)
-                delay = min(delay * 2, 10.0)
-            finally:
-                if self.stopping:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
+        """LISTEN for new messages and config changes (polling covers the gaps)."""
+        assert self._stop is not None
+        await db.listen(self.dsn, ("pgsink_messages", "pgsink_config"), self._on_notify, self._wake_all,
+                        self._stop, conn)
+
+    def _on_notify(self, n: psycopg.Notify) -> None:
+        if n.channel == "pgsink_config":
+            assert self._config_dirty is not None
+            self._config_dirty.set()
+        else:
+            self._on_messages(n.payload)
 
     def _on_messages(self, payload: str) -> None:
         try:

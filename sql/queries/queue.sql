@@ -391,9 +391,3 @@ with doomed as (
     limit %(chunk)s
 )
 delete from pgsink.attempts a using doomed where a.id = doomed.id
-
--- name: listen_messages
-listen pgsink_messages
-
--- name: listen_config
-listen pgsink_config

@@ -91,6 +91,19 @@ async def test_full_backfill_delivers_every_row_once_as_read(
                                " (payload->>'record_pk') and lane = pgsink.lane_for(group_key, 16)") == 2500
 
 
+async def test_a_new_backfill_wakes_an_idle_stage_at_once(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    await setup_table(aconn, fresh_db, receiver.url, 10)
+    idle = backfiller(fresh_db)
+    idle.poll_interval = 3600.0  # only the NOTIFY from pgsink.start_backfill can wake it in time
+    async with stages(idle):
+        await wait_for(lambda: scalar(aconn, "select count(*) = 1 from pg_stat_activity"
+                                             " where query like 'listen %'"), what="listening")
+        await aconn.execute("select pgsink.start_backfill('sink', 'items')")
+        await wait_for(lambda: scalar(aconn, "select state = 'completed' from pgsink.backfills"), timeout=15,
+                       what="the backfill, long before the next poll")
+
+
 async def test_partial_backfill_starts_at_the_position(
         fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
     await setup_table(aconn, fresh_db, receiver.url, 3000)

@@ -179,8 +179,11 @@ async def test_group_order_holds_across_two_worker_processes_with_random_failure
         fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
     rng = random.Random(11)
     stubborn = {"n": 0}
+    both_leasing = asyncio.Event()
 
     async def flaky(req: Received) -> int:
+        # the first requests wait until both workers hold lanes, so both take part however fast one starts
+        await asyncio.wait_for(both_leasing.wait(), 30)
         await asyncio.sleep(rng.random() * 0.004)  # ok-sleep: endpoint latency, to let requests overlap
         if "g7" in groups_in(req) and stubborn["n"] < 4:
             stubborn["n"] += 1
@@ -195,7 +198,7 @@ async def test_group_order_holds_across_two_worker_processes_with_random_failure
     opts = dict(FAST, backoff_base=0.02, backoff_cap=0.2, max_lanes_per_sink=4)  # 8 lanes: both must work
     owners: set[str] = set()
     procs = [await spawn_worker(fresh_db, f"proc{i}", **opts) for i in range(2)]
-    sampler = asyncio.create_task(_sample_lease_owners(fresh_db, owners))
+    sampler = asyncio.create_task(_sample_lease_owners(fresh_db, owners, both_leasing))
     try:
         for seq in range(4, 9):  # more arrive while the workers run
             await enqueue_changes(aconn, refs.sink_id, seq_rows(groups, seq))
@@ -213,13 +216,17 @@ async def test_group_order_holds_across_two_worker_processes_with_random_failure
     assert await scalar(aconn, "select count(*) from pgsink.parked_messages") == 0
 
 
-async def _sample_lease_owners(dsn: str, owners: set[str]) -> None:
-    """Record which workers hold lane leases while a test runs (until cancelled)."""
+async def _sample_lease_owners(dsn: str, owners: set[str], all_seen: asyncio.Event | None = None,
+                               expected: frozenset[str] = frozenset({"proc0", "proc1"})) -> None:
+    """Record which workers hold lane leases while a test runs (until cancelled); set ``all_seen``
+    once every expected worker has held one."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         while True:
             cur = await conn.execute("select distinct split_part(lease_owner, ':', 1) from pgsink.lanes"
                                      " where lease_owner is not null")
             owners.update(r[0] for r in await cur.fetchall())
+            if all_seen is not None and expected <= owners:
+                all_seen.set()
             await asyncio.sleep(0.01)  # ok-sleep: sampling interval of the lease watcher
 
 
