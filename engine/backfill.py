@@ -60,7 +60,8 @@ from . import db
 from .capture import SESSION_OPTIONS
 from .errors import PgsinkError
 from .filters import Predicate, sink_predicate
-from .ingest import group_key, record_key
+from .decode import convert_row
+from .ingest import group_key, key_text, record_key
 from .model import Sink, load_config
 from .queries import QUERIES
 from .userfunc import UserFunctionError
@@ -303,12 +304,15 @@ class BackfillStage:
             elapsed_ms = (time.monotonic() - started) * 1000
         records, record_pks, group_keys = [], [], []
         group_columns = self._sink.group_columns(job.schema, job.table) if self._sink.message_grouping else None
-        for r in rows:  # the converters capture uses: a read's record looks like a change's
-            record = {name: types.convert(oid, text) for (name, oid), text in zip(columns, r[1:], strict=True)}
+        # the converters capture uses: a read's record looks like a change's
+        names = [name for name, _ in columns]
+        convs = [types.converter(oid) for _, oid in columns]
+        for r in rows:
+            record = convert_row(names, convs, r[1:], special=False)[0]  # texts and NULLs only
             if not self._passes(job, record, read_at):
                 continue
             records.append(dumps(record).decode())
-            record_pk = record_key(record, pk)
+            record_pk = key_text(record.get(pk[0])) if len(pk) == 1 else record_key(record, pk)
             record_pks.append(record_pk)
             # the group key capture gives the row's changes: same group, same lane
             group_keys.append(None if not self._sink.message_grouping else
@@ -337,18 +341,22 @@ class BackfillStage:
         try:
             async with state.transaction():
                 await state.execute(QUERIES["backfill_lock_sink"], {"sink_id": job.sink_id})
+                # JSON arrays, not text[]: no per-element escaping on either side
+                pks = dumps(page.record_pks).decode()
                 cur = await state.execute(QUERIES["backfill_recent_changes"], {
-                    "source_id": source_id, "table_oid": table_oid, "record_pks": page.record_pks,
+                    "source_id": source_id, "table_oid": table_oid, "record_pks": pks,
                     "since": page.read_at - self.visibility_margin}, prepare=False)
                 superseded = {pk for pk, xid in await cur.fetchall() if not page.snapshot.sees(xid)}
-                keep = [i for i, pk in enumerate(page.record_pks) if pk not in superseded]
+                records, group_keys = page.records, page.group_keys
+                if superseded:
+                    keep = [i for i, pk in enumerate(page.record_pks) if pk not in superseded]
+                    records, group_keys = [records[i] for i in keep], [group_keys[i] for i in keep]
+                    pks = dumps([page.record_pks[i] for i in keep]).decode()
                 await state.execute(QUERIES["backfill_enqueue_page"], {
                     "id": job.id, "owner": self.owner, "cursor": page.cursor, "rows_read": page.rows_read,
                     "page_size": next_size, "lease_seconds": self.lease_seconds, "read_at": page.read_at,
-                    # JSON arrays, not text[]: no per-element escaping on either side
-                    "records": "[" + ",".join(page.records[i] for i in keep) + "]",
-                    "record_pks": dumps([page.record_pks[i] for i in keep]).decode(),
-                    "group_keys": dumps([page.group_keys[i] for i in keep]).decode()})
+                    "records": "[" + ",".join(records) + "]", "record_pks": pks,
+                    "group_keys": dumps(group_keys).decode()})
         except psycopg.errors.LockNotAvailable as e:
             raise JobLost(str(e)) from None
         if superseded:

@@ -21,7 +21,6 @@ read's is base64 of ``"<backfill_id>:<record_pk>"``.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import gzip
 from collections.abc import Mapping, Sequence
@@ -39,7 +38,7 @@ def change_idempotency_key(commit_lsn: int, commit_idx: int) -> str:
 
 
 def read_idempotency_key(backfill_id: str, record_pk: str) -> str:
-    return base64.b64encode(f"{backfill_id}:{record_pk}".encode()).decode()
+    return binascii.b2a_base64(f"{backfill_id}:{record_pk}".encode(), newline=False).decode()
 
 
 def idempotency_key(m: QueuedMessage) -> str:

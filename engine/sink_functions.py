@@ -22,7 +22,6 @@ retrying delivers it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,7 +238,7 @@ async def try_sink(dsn: str, name: str, *, limit: int = 10, scan: int = 10_000) 
         cur = await conn.execute(QUERIES["recent_changes"], {"source_id": sink.source_id, "limit": scan})
         rows = await cur.fetchall()
     messages = [QueuedMessage(*r) for r in rows]
-    mine = [dataclasses.replace(m, id=i + 1) for i, m in enumerate(
+    mine = [m._replace(id=i + 1) for i, m in enumerate(
         [m for m in messages if m.action in sink.actions
          and sink.matches_table(m.table_schema or "", m.table_name or "")][:limit])]
     source = config.sources[sink.source_id]

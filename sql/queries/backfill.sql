@@ -40,8 +40,9 @@ select pgsink.lock_sinks_for_enqueue(array[%(sink_id)s]::uuid[])
 -- 14k changes under a generic plan), while a join hashes the keys or probes
 -- the changes_row index per key. Run unprepared, so it is planned for the
 -- page's real size.
+-- The keys come as one JSON array (cheaper to send than a text[] of 10k keys).
 select c.record_pk, c.xid
-from unnest(%(record_pks)s::text[]) as p(record_pk)
+from json_array_elements_text(%(record_pks)s::json) as p(record_pk)
 join pgsink.changes c
   on c.source_id = %(source_id)s and c.source_table_oid = %(table_oid)s
  and c.record_pk = p.record_pk and c.committed_at >= %(since)s
