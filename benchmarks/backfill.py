@@ -102,6 +102,7 @@ def run(rows: int, live_rate: float) -> dict[str, Any]:
             loader = threading.Thread(target=lambda: live.__setitem__("n", _live_load(dsn, stop, live_rate, rows)))
             loader.start()
             _wait_until_up(dsn, rport, live_rate > 0)
+            postgres0 = postgres_cpu(pg)
             t0 = time.time()
             machine0 = machine_cpu()
             asyncio.run(backfill.start(dsn, "bench", "public.benchmark_records", max_page_ms=5000))
@@ -126,7 +127,7 @@ def run(rows: int, live_rate: float) -> dict[str, Any]:
             cpu = {role: round(cpu_seconds(w.pid), 1)
                    for role, w in zip(("reader", "delivery", "backfill"), workers, strict=True)}
             cpu["receiver"] = round(cpu_seconds(receiver.pid), 1)
-            postgres = postgres_cpu(pg)
+            postgres = postgres_cpu(pg, postgres0)
             machine_s = machine_cpu_since(machine0)
             statements = top_statements(pg)
             with psycopg.connect(dsn, autocommit=True) as conn:

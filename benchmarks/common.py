@@ -104,9 +104,10 @@ select pid, coalesce(nullif(application_name, ''), backend_type) from pg_stat_ac
 """
 
 
-def postgres_cpu(pg: EmbeddedPostgres) -> dict[str, float]:
-    """CPU seconds of the server's processes so far, by application_name (PGAPPNAME of the
-    pgsink role) or backend type; "exited" is what finished backends and autovacuum used."""
+def postgres_cpu(pg: EmbeddedPostgres, since: dict[str, float] | None = None) -> dict[str, float]:
+    """CPU seconds of the server's processes, by application_name (PGAPPNAME of the pgsink role)
+    or backend type; "exited" is what finished backends and autovacuum used. With ``since`` (an
+    earlier reading), only what was used after it: the set-up's inserts are left out."""
     postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
     out: dict[str, float] = {"exited": _proc_cpu(postmaster, children=True) - _proc_cpu(postmaster)}
     with psycopg.connect(pg.dsn(), autocommit=True) as conn:
@@ -115,7 +116,9 @@ def postgres_cpu(pg: EmbeddedPostgres) -> dict[str, float]:
                 out[name] = out.get(name, 0.0) + _proc_cpu(pid)
             except FileNotFoundError:
                 continue
-    return {k: round(v, 1) for k, v in sorted(out.items())}
+    if since is not None:
+        out = {k: v - since.get(k, 0.0) for k, v in out.items()}
+    return {k: round(v, 1) for k, v in sorted(out.items()) if round(v, 1)}
 
 
 STATEMENTS_ENV = "PGSINK_BENCH_STATEMENTS"  # set to 1: record the top statements (pg_stat_statements)

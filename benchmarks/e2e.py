@@ -128,6 +128,7 @@ def run(changes: int, batch_size: int, rate: float | None = None,
             # one process per role, as a deployment would scale it: each gets a core of its own
             workers = [subprocess.Popen([sys.executable, "-m", "pgsink.cli", "worker", "--role", role], env=env,
                                         stderr=subprocess.DEVNULL) for role in roles]
+            postgres0 = postgres_cpu(pg)
             t0 = time.time()
             last_commit = _load(dsn, changes, rate)
             total = changes  # every change of the table goes to the sink
@@ -139,7 +140,7 @@ def run(changes: int, batch_size: int, rate: float | None = None,
                 time.sleep(1)
             cpu = {role: round(cpu_seconds(w.pid), 1) for role, w in zip(roles, workers, strict=True)}
             cpu["receiver"] = round(cpu_seconds(receiver.pid), 1)
-            postgres = postgres_cpu(pg)
+            postgres = postgres_cpu(pg, postgres0)
             statements = top_statements(pg)
         finally:
             for w in workers:
