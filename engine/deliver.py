@@ -1,7 +1,7 @@
 """The delivery stage: lease lanes, POST group-ordered batches, ack or back off.
 
-Per active sink, a runner keeps up to ``min(lane_count, max_lanes_per_sink)``
-lanes in flight (one batch per lane, so a group never has two requests in
+Per active sink, a runner (``sink_runner.SinkRunner``) keeps up to
+``min(lane_count, max_lanes_per_sink)`` lanes in flight (one batch per lane, so a group never has two requests in
 flight) plus a few parked groups. Each lane batch: lease (within
 max_ack_pending) -> read after the cursor (waiting up to batch_timeout_ms for
 a short batch to fill) -> render -> POST -> one statement that acks, backs
@@ -12,19 +12,20 @@ same idempotency keys.
 Wake-ups: LISTEN pgsink_messages (payload: sink id) on one connection, a
 jittered poll as fallback, local timers for back-offs that end, and a slot
 freeing up (a lane that finished a batch may have more).
+
+This module holds what the runners share: the connection pool, the HTTP
+sessions, config reloads, LISTEN, lease renewal, and the request itself
+(``post``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -36,58 +37,16 @@ from psycopg_pool import AsyncConnectionPool
 from . import db
 from . import http_safety as safety
 from . import queue as q
-from .errors import PgsinkError
 from .model import Config, HttpEndpoint, Sink, Source, config_version, load_config
-from .queries import QUERIES
 from .render import RenderContext, RequestTarget, idempotency_key, join_url, render_body
 from .enrichment import Enricher
 from .sink_functions import DEFAULT_ROUTE, Prepared, SinkFunctions, render_enriched, render_transformed
-from .userfunc import UserFunctionError
 from .signing import batch_id, sign_headers
+from .sink_runner import TRANSIENT_DB_ERRORS, SinkRunner, SinkSetup, jittered, wait_event
 
 log = logging.getLogger("pgsink.deliver")
 
 T = TypeVar("T")
-
-LANE_HOLD_SECONDS = 2.0
-"""How long a worker may keep a lane while its batches come back full, before giving it back."""
-
-TRANSIENT_DB_ERRORS = (psycopg.OperationalError,)
-"""Connection-level trouble with the state database: retried, never fatal."""
-
-
-class _Pulse:
-    """Wakes everyone waiting at the moment it fires (unlike an Event, it does not stay set)."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
-
-
-async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """Wait for ``event`` at most ``timeout`` seconds; True if it was set."""
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-        return True
-    except TimeoutError:
-        return False
-
-
-def _forget(tasks: dict[Any, asyncio.Task[None]], key: Any) -> None:
-    """Remove the current task from ``tasks``; not a newer task that took the same key."""
-    if tasks.get(key) is asyncio.current_task():
-        del tasks[key]
-
-
-def _jittered(seconds: float) -> float:
-    return seconds * random.uniform(0.8, 1.2)
 
 
 async def _excerpt(resp: aiohttp.ClientResponse) -> str | None:
@@ -101,51 +60,6 @@ async def _excerpt(resp: aiohttp.ClientResponse) -> str | None:
 
 USER_ERROR_LIMIT = 16_384
 """Characters of a user function's error and traceback kept in the attempt row."""
-
-
-def _sendable(m: q.QueuedMessage) -> bool:
-    """A message the request would carry (not parked behind its group, not pruned)."""
-    return m.renderable and not m.group_blocked
-
-
-async def _prepare(setup: _SinkSetup, messages: list[q.QueuedMessage]) -> Prepared | None:
-    """Enrichment (one source query per batch), then transform and route; None when the sink has none."""
-    if setup.functions is None and setup.enricher is None:
-        return None
-    enrichment: dict[int, Any] | None = None
-    if setup.enricher is not None:
-        keys = sorted({m.record_pk for m in messages if _sendable(m) and m.record_pk is not None})
-        try:
-            rows = await setup.enricher.fetch(keys)
-        except (psycopg.Error, PgsinkError) as e:
-            error = UserFunctionError(f"sink {setup.sink.name}: enrichment query failed: {e}")
-            return Prepared(messages, error=error)
-        enrichment = {m.id: rows.get(m.record_pk) for m in messages if m.record_pk is not None}
-    if setup.functions is None:
-        return Prepared(messages, enrichment=enrichment)
-    return setup.functions.prepare(messages, setup.ctx, _sendable, enrichment)
-
-
-def _honour_retry_after(fate: q.FailurePlan, seconds: float) -> q.FailurePlan:
-    """The endpoint said when to come back (Retry-After): wait at least that long."""
-    if fate.kind == "backoff":
-        return dataclasses.replace(fate, delay=max(fate.delay, seconds))
-    if fate.kind == "park":
-        groups = [dataclasses.replace(g, delay=max(g.delay, seconds)) for g in fate.groups]
-        return dataclasses.replace(fate, groups=groups)
-    return fate
-
-
-@dataclass(frozen=True)
-class _SinkSetup:
-    """A sink's config as one runner uses it; replaced whole on reload."""
-
-    sink: Sink
-    ctx: RenderContext
-    target: RequestTarget
-    endpoint: HttpEndpoint | None = None
-    functions: SinkFunctions | None = None  # transform / route
-    enricher: Enricher | None = None
 
 
 class DeliveryStage:
@@ -180,8 +94,8 @@ class DeliveryStage:
         self._stop_requested = False
         self._stop: asyncio.Event | None = None
         self._fatal: BaseException | None = None
-        self._runners: dict[UUID, _SinkRunner] = {}
-        self._retired: list[_SinkRunner] = []
+        self._runners: dict[UUID, SinkRunner] = {}
+        self._retired: list[SinkRunner] = []
         self._touched_sinks: set[UUID] = set()
         self._config_dirty: asyncio.Event | None = None
         self._side_tasks: list[asyncio.Task[None]] = []
@@ -282,7 +196,7 @@ class DeliveryStage:
         if wait > 0:
             await asyncio.sleep(wait)  # the rate limit itself, not a synchronisation
 
-    async def post(self, setup: _SinkSetup, messages: list[q.QueuedMessage],
+    async def post(self, setup: SinkSetup, messages: list[q.QueuedMessage],
                    prepared: Prepared | None = None) -> q.Attempt:
         """POST one batch; any outcome becomes an Attempt (never raises for HTTP trouble or user functions)."""
         if prepared is not None and prepared.error is not None:  # a transform or route failed: nothing to send
@@ -385,11 +299,11 @@ class DeliveryStage:
             except TRANSIENT_DB_ERRORS as e:
                 log.warning("cannot read config from the state database (%s); retrying", e)
             self._retired = [r for r in self._retired if r.busy()]
-            await _wait_event(self._config_dirty, _jittered(self.poll_interval))
+            await wait_event(self._config_dirty, jittered(self.poll_interval))
 
     async def _apply(self, config: Config, conn: psycopg.AsyncConnection) -> None:
         """Start runners for active sinks, reconfigure changed ones, stop paused or removed ones."""
-        wanted: dict[UUID, _SinkSetup] = {}
+        wanted: dict[UUID, SinkSetup] = {}
         seen: set[str] = set()
         for sink in config.sinks.values():
             if self.sink_filter is not None:
@@ -401,7 +315,7 @@ class DeliveryStage:
                 continue
             endpoint = config.endpoints[sink.http_endpoint_id]
             source = config.sources[sink.source_id]
-            wanted[sink.id] = _SinkSetup(sink, RenderContext.for_sink(sink, source),
+            wanted[sink.id] = SinkSetup(sink, RenderContext.for_sink(sink, source),
                                          RequestTarget.for_sink(sink, endpoint), endpoint,
                                          SinkFunctions.for_sink(sink), self._enricher(sink, source))
         for name in (self.sink_filter or set()) - seen - self._warned_missing:
@@ -418,7 +332,7 @@ class DeliveryStage:
             if runner is None or runner.setup.sink.lane_count != setup.sink.lane_count:
                 await q.ensure_lanes(conn, sink_id, setup.sink.lane_count)
             if runner is None:
-                runner = _SinkRunner(self, setup)
+                runner = SinkRunner(self, setup)
                 self._runners[sink_id] = runner
                 self._touched_sinks.add(sink_id)
                 runner.start()
@@ -440,7 +354,7 @@ class DeliveryStage:
         """Extend held leases every third of the lease; a lease found lost is logged (its ack is fenced)."""
         assert self._stop is not None
         while not self.stopping:
-            await _wait_event(self._stop, self.lease_seconds / 3)
+            await wait_event(self._stop, self.lease_seconds / 3)
             if self.stopping:
                 return
             lanes: list[tuple[UUID, int]] = []
@@ -496,285 +410,3 @@ class DeliveryStage:
             if r.setup.enricher is not None:
                 with contextlib.suppress(Exception):
                     await r.setup.enricher.close()
-
-
-class _SinkRunner:
-    """Delivery of one sink in this stage: a lane loop and a parked-group loop."""
-
-    def __init__(self, stage: DeliveryStage, setup: _SinkSetup) -> None:
-        self.stage = stage
-        self.setup = setup
-        self.sink_id = setup.sink.id
-        self.lane_tasks: dict[int, asyncio.Task[None]] = {}
-        self.group_tasks: dict[str, asyncio.Task[None]] = {}
-        self.lane_wake = asyncio.Event()
-        self.group_wake = asyncio.Event()
-        self.arrivals = _Pulse()
-        self.stopped = False
-        self.loop_task: asyncio.Task[None] | None = None
-        self._timers: set[asyncio.TimerHandle] = set()
-
-    # ------------------------------------------------------------ lifecycle
-
-    def start(self) -> None:
-        self.loop_task = self.stage.spawn(self._run(), f"pgsink.deliver.sink.{self.setup.sink.name}")
-
-    def stop(self) -> None:
-        self.stopped = True
-        for h in self._timers:
-            h.cancel()
-        self._timers.clear()
-        self.lane_wake.set()
-        self.group_wake.set()
-        self.arrivals.fire()
-
-    def notify(self) -> None:
-        self.lane_wake.set()
-        self.arrivals.fire()
-
-    def tasks(self) -> list[asyncio.Task[None]]:
-        return [*self.lane_tasks.values(), *self.group_tasks.values()]
-
-    def busy(self) -> bool:
-        return bool(self.lane_tasks or self.group_tasks) or (self.loop_task is not None and not self.loop_task.done())
-
-    @property
-    def halted(self) -> bool:
-        return self.stopped or self.stage.stopping
-
-    def _wake_later(self, event: asyncio.Event, delay: float) -> None:
-        if self.halted:
-            return
-        loop = asyncio.get_running_loop()
-        handle: asyncio.TimerHandle
-
-        def fire() -> None:
-            self._timers.discard(handle)
-            event.set()
-
-        handle = loop.call_later(max(0.0, delay), fire)
-        self._timers.add(handle)
-
-    async def _run(self) -> None:
-        await asyncio.gather(self._lane_loop(), self._group_loop())
-
-    # ------------------------------------------------------------ lanes
-
-    async def _lane_loop(self) -> None:
-        while not self.halted:
-            self.lane_wake.clear()
-            sink = self.setup.sink
-            free = min(sink.lane_count, self.stage.max_lanes_per_sink) - len(self.lane_tasks)
-            if free > 0:
-                try:
-                    leases = await self.stage.with_conn(
-                        q.lease_lanes, sink_id=sink.id, lane_count=sink.lane_count, batch_size=sink.batch_size,
-                        max_ack_pending=sink.max_ack_pending, owner=self.stage.owner, max_lanes=free,
-                        lease_seconds=self.stage.lease_seconds)
-                except TRANSIENT_DB_ERRORS as e:
-                    log.warning("sink %s: cannot lease lanes (%s); retrying", sink.name, e)
-                    leases = []
-                for lease in leases:
-                    if self.halted:
-                        await self._quietly(q.release_lane, lease, self.stage.owner)
-                        continue
-                    self.lane_tasks[lease.lane] = self.stage.spawn(
-                        self._lane_work(lease), f"pgsink.deliver.{sink.name}.lane{lease.lane}")
-            await _wait_event(self.lane_wake, _jittered(self.stage.poll_interval))
-
-    async def _quietly(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        try:
-            await self.stage.with_conn(fn, *args)
-        except TRANSIENT_DB_ERRORS as e:
-            log.warning("sink %s: %s failed (%s); the lease will expire", self.setup.sink.name, fn.__name__, e)
-
-    async def _lane_work(self, lease: q.LaneLease) -> None:
-        """Deliver batches of a leased lane: keep the lease while batches come back full.
-
-        Keeping the lane (for at most ``LANE_HOLD_SECONDS``, so other lanes get
-        their turn under max_ack_pending) saves a lease per batch, and the ack
-        of one batch travels with the read of the next; any outcome other than
-        a plain success gives the lane back.
-        """
-        loop = asyncio.get_running_loop()
-        until = loop.time() + LANE_HOLD_SECONDS
-        current: q.LaneLease | None = lease
-        prefetched: list[q.QueuedMessage] | None = None
-        try:
-            while current is not None:
-                current, prefetched = await self._lane_batch(current, prefetched, keep=loop.time() < until)
-        except TRANSIENT_DB_ERRORS as e:
-            log.warning("sink %s lane %d: state database error (%s); the batch will be retried",
-                        self.setup.sink.name, lease.lane, e)
-        finally:
-            _forget(self.lane_tasks, lease.lane)
-            self.lane_wake.set()
-
-    async def _lane_batch(self, lease: q.LaneLease, prefetched: list[q.QueuedMessage] | None, *, keep: bool
-                          ) -> tuple[q.LaneLease | None, list[q.QueuedMessage] | None]:
-        """Deliver one batch; returns the lease to go on with (and its next batch, if read), or None."""
-        setup = self.setup
-        stage = self.stage
-        limit = min(lease.reserved, setup.sink.batch_size)
-        messages = [] if self.halted else await self._read_filled(setup, lease, limit, prefetched)
-        if not messages:  # nothing to do, or stopping: give the lane back
-            await stage.with_conn(q.release_lane, lease, stage.owner)
-            return None, None
-        prepared = await _prepare(setup, messages)
-        if prepared is not None:  # cut at a route change or a failing function
-            messages = prepared.messages
-        plan = q.plan_batch(messages)
-        for m in plan.broken:
-            log.error("sink %s: message %d has no change row (pruned?); discarded", setup.sink.name, m.id)
-        attempt = await stage.post(setup, plan.deliver, prepared) if plan.deliver else None
-        going_on = keep and len(messages) >= limit and not self.halted
-        if attempt is not None and attempt.delivered and plan.simple:
-            if going_on:
-                nxt = await stage.with_conn(
-                    q.ack_lane_and_read_next, lease, stage.owner, last_id=plan.last_id, attempt=attempt,
-                    keep_for=stage.lease_seconds, source_id=setup.sink.source_id, limit=limit)
-                ok = nxt is not None
-                if ok:
-                    return q.LaneLease(lease.sink_id, lease.lane, plan.last_id, 0, lease.reserved), nxt
-            else:
-                ok = await stage.with_conn(q.ack_lane, lease, stage.owner, last_id=plan.last_id, attempt=attempt)
-        elif attempt is None or attempt.delivered:
-            ok = await stage.with_conn(
-                q.advance_lane, lease, stage.owner, last_id=plan.last_id, attempt=attempt,
-                copies=plan.copies_on_success(), behind_keys=plan.behind_keys, unpark_keys=plan.unpark_keys)
-            if plan.behind:
-                self.group_wake.set()
-        else:
-            ok = await self._lane_failed(setup, lease, plan, attempt)
-        if not ok:
-            log.warning("sink %s: lease of lane %d was lost before its ack; another worker delivers it",
-                        setup.sink.name, lease.lane)
-        return None, None
-
-    async def _read_filled(self, setup: _SinkSetup, lease: q.LaneLease, limit: int,
-                           prefetched: list[q.QueuedMessage] | None = None) -> list[q.QueuedMessage]:
-        """The next batch of the lane; a short one waits up to batch_timeout_ms to fill."""
-        sink = setup.sink
-        read = self._reader(setup, lease)
-        messages = prefetched if prefetched is not None else await read(lease.delivered_id, limit)
-        if not messages or len(messages) >= limit or sink.batch_timeout_ms <= 0:
-            return messages
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + sink.batch_timeout_ms / 1000
-        while len(messages) < limit and not self.halted:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            await self.arrivals.wait(remaining)
-            messages.extend(await read(messages[-1].id, limit - len(messages)))
-        return messages
-
-    def _reader(self, setup: _SinkSetup, lease: q.LaneLease
-                ) -> Callable[[int, int], Awaitable[list[q.QueuedMessage]]]:
-        async def read(after_id: int, limit: int) -> list[q.QueuedMessage]:
-            return await self.stage.with_conn(
-                q.read_lane_batch, sink_id=lease.sink_id, source_id=setup.sink.source_id, lane=lease.lane,
-                after_id=after_id, limit=limit)
-        return read
-
-    async def _lane_failed(self, setup: _SinkSetup, lease: q.LaneLease, plan: q.BatchPlan,
-                           attempt: q.Attempt) -> bool:
-        """Back off, park the batch's groups, or discard it (max_retry_count)."""
-        sink = setup.sink
-        stage = self.stage
-        failures = lease.failures + 1
-        past_retries = sink.max_retry_count is not None and failures > sink.max_retry_count
-        may_park = False
-        if failures >= stage.park_after and not past_retries:
-            may_park = await stage.with_conn(q.may_park, sink.id, lease.lane, stage.park_health_window)
-        fate = q.plan_failure(plan, failures=failures, max_retry_count=sink.max_retry_count,
-                              park_after=stage.park_after, may_park=may_park,
-                              base=stage.backoff_base, cap=stage.backoff_cap)
-        if attempt.retry_after is not None:
-            fate = _honour_retry_after(fate, attempt.retry_after)
-        log.warning("sink %s lane %d: attempt %d failed (%s): %s", sink.name, lease.lane, failures,
-                    attempt.describe(), fate.kind, extra={"sink": sink.name})
-        if fate.kind == "backoff":
-            ok = await stage.with_conn(q.fail_lane, lease, stage.owner, delay=fate.delay,
-                                       in_flight=len(plan.deliver), attempt=attempt)
-            self._wake_later(self.lane_wake, fate.delay)
-            return ok
-        ok = await stage.with_conn(
-            q.advance_lane, lease, stage.owner, last_id=plan.last_id, attempt=attempt, copies=fate.copies,
-            park=fate.groups, behind_keys=plan.behind_keys,
-            unpark_keys=plan.unpark_keys if fate.kind == "discard" else [],
-            lane_error=attempt.describe())
-        if fate.groups:
-            self._wake_later(self.group_wake, min(g.delay for g in fate.groups))
-        return ok
-
-    # ------------------------------------------------------------ parked groups
-
-    async def _group_loop(self) -> None:
-        while not self.halted:
-            self.group_wake.clear()
-            sink = self.setup.sink
-            free = self.stage.max_groups_per_sink - len(self.group_tasks)
-            if free > 0:
-                try:
-                    leases = await self.stage.with_conn(
-                        q.lease_parked_groups, sink_id=sink.id, batch_size=sink.batch_size,
-                        max_ack_pending=sink.max_ack_pending, owner=self.stage.owner, max_groups=free,
-                        lease_seconds=self.stage.lease_seconds)
-                except TRANSIENT_DB_ERRORS as e:
-                    log.warning("sink %s: cannot lease parked groups (%s); retrying", sink.name, e)
-                    leases = []
-                for lease in leases:
-                    if self.halted:
-                        await self._quietly(q.release_parked_group, lease, self.stage.owner)
-                        continue
-                    self.group_tasks[lease.group_key] = self.stage.spawn(
-                        self._group_batch(lease), f"pgsink.deliver.{sink.name}.parked")
-            await _wait_event(self.group_wake, _jittered(self.stage.poll_interval))
-
-    async def _group_batch(self, lease: q.GroupLease) -> None:
-        """Deliver the next parked messages of one group, in order."""
-        setup = self.setup
-        sink = setup.sink
-        stage = self.stage
-        try:
-            messages = await stage.with_conn(q.read_parked_batch, sink_id=sink.id, source_id=sink.source_id,
-                                             group_key=lease.group_key,
-                                             limit=min(lease.reserved, sink.batch_size), owner=stage.owner)
-            broken = [m.id for m in messages if not m.renderable]
-            if broken:
-                log.error("sink %s: parked messages %s have no change row (pruned?); discarded", sink.name, broken)
-                await stage.with_conn(q.discard_parked, sink.id, broken)
-                messages = [m for m in messages if m.renderable]
-            if not messages:
-                if not await stage.with_conn(q.drop_drained_group, sink.id, lease.lane, lease.group_key,
-                                             stage.owner):
-                    await stage.with_conn(q.release_parked_group, lease, stage.owner)
-                return
-            prepared = await _prepare(setup, messages)
-            if prepared is not None:
-                messages = prepared.messages
-            attempt = await stage.post(setup, messages, prepared)
-            if attempt.delivered:
-                if not await stage.with_conn(q.ack_parked, lease, stage.owner, attempt):
-                    log.warning("sink %s: lease of parked group %r was lost before its ack",
-                                sink.name, lease.group_key)
-                elif len(messages) < min(lease.reserved, sink.batch_size):
-                    await stage.with_conn(q.drop_drained_group, sink.id, lease.lane, lease.group_key, None)
-                return
-            delay, pending, moved_on = q.parked_outcome(
-                messages, group_attempts=lease.attempts, max_retry_count=sink.max_retry_count,
-                base=stage.backoff_base, cap=stage.backoff_cap)
-            if attempt.retry_after is not None:
-                delay = max(delay, attempt.retry_after)
-            log.warning("sink %s parked group %r: attempt %d failed (%s)", sink.name, lease.group_key,
-                        lease.attempts + 1, attempt.describe(), extra={"sink": sink.name})
-            await stage.with_conn(q.fail_parked, lease, stage.owner, attempt, delay=delay, in_flight=pending,
-                                  max_retry_count=sink.max_retry_count, moved_on=moved_on)
-            self._wake_later(self.group_wake, delay)
-        except TRANSIENT_DB_ERRORS as e:
-            log.warning("sink %s parked group %r: state database error (%s); will retry",
-                        sink.name, lease.group_key, e)
-        finally:
-            _forget(self.group_tasks, lease.group_key)
-            self.group_wake.set()
