@@ -205,14 +205,24 @@ class BatchPlan:
 
 
 def plan_batch(messages: Sequence[QueuedMessage]) -> BatchPlan:
-    """Split a lane batch into what is POSTed, parked behind its group, or discarded."""
+    """Split a lane batch into what is POSTed, parked behind its group, or discarded.
+
+    Once a message of a group is blocked, every later message of that group in
+    the batch goes behind it too, blocked or not: a batch topped up by a second
+    read (batch_timeout_ms) may see the group drained by then, and sending the
+    later message now would overtake the earlier one. Such a group is not
+    unparked either.
+    """
     deliver: list[QueuedMessage] = []
     behind: list[QueuedMessage] = []
     broken: list[QueuedMessage] = []
     unpark: set[str] = set()
+    blocked: set[str] = set()
     for m in messages:
-        if m.group_blocked:
+        if m.group_blocked or (m.group_key is not None and m.group_key in blocked):
             behind.append(m)
+            if m.group_key is not None:
+                blocked.add(m.group_key)
             continue
         if m.group_parked and m.group_key is not None:
             unpark.add(m.group_key)
@@ -220,7 +230,7 @@ def plan_batch(messages: Sequence[QueuedMessage]) -> BatchPlan:
             deliver.append(m)
         else:
             broken.append(m)
-    return BatchPlan(deliver, behind, broken, sorted(unpark), messages[-1].id if messages else 0)
+    return BatchPlan(deliver, behind, broken, sorted(unpark - blocked), messages[-1].id if messages else 0)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,17 @@ def test_plan_splits_blocked_drained_and_broken() -> None:
     assert not plan.simple and plan_batch([msg(1), msg(2, "x")]).simple
 
 
+def test_a_later_message_never_overtakes_its_blocked_group_in_a_topped_up_batch() -> None:
+    # first read: 101 is blocked behind g's parked message; the batch was short, so a second read
+    # added 105 after g's retrier had drained the group: 105 looks free but must wait behind 101
+    batch = [msg(101, "g", group_parked=True, group_blocked=True), msg(102, "h"),
+             msg(105, "g"), msg(106, "g", group_parked=True)]
+    plan = plan_batch(batch)
+    assert [m.id for m in plan.deliver] == [102]
+    assert [m.id for m in plan.behind] == [101, 105, 106]
+    assert plan.behind_keys == ["g"] and plan.unpark_keys == []
+
+
 def test_failure_backs_off_then_parks_then_discards() -> None:
     plan = plan_batch([msg(1, "a"), msg(2, "a"), msg(3, None), msg(4, "z", group_parked=True, group_blocked=True)])
     kw: dict[str, Any] = dict(park_after=3, base=1.0, cap=10.0, rng=random.Random(3))
