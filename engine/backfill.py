@@ -21,15 +21,19 @@ the source in a REPEATABLE READ snapshot S; its messages are enqueued in a
 state transaction that first takes the sink's enqueue lock (the lock every
 capture transaction takes before allocating message ids) and then looks in
 the retention log for changes of the page's rows whose transaction S did
-not see (by xid against S's xmin/xmax/xip). A row with such a change is not
-enqueued. Why this is enough, for a row R of the page:
+not see (by xid against S's xmin/xmax/xip) and that capture queued for this
+sink (its actions and filters, re-applied as capture applied them). A row with
+such a change is not enqueued. Why this is enough, for a row R of the page:
 
 - a change of R that S saw is reflected in the read;
 - a change of R that S did not see committed after S. Either capture wrote
-  it before we took the lock: it is in the log, we find it and drop R's read
-  (the change's own message, and every later one, carries R's newer state);
-  or capture writes it after our commit: its message gets a larger id than
-  the read, in the same lane, so it is delivered after the read.
+  it before we took the lock: it is in the log, and if the sink got it we
+  drop R's read (the change's own message, and every later one, carries R's
+  newer state), while a change the sink does not take (an action it does not
+  want, a filter) never reaches the destination, so the read is kept --
+  dropping it would lose the row there; or capture writes it after our
+  commit: its message gets a larger id than the read, in the same lane, so
+  it is delivered after the read.
 
 So when the read is R's last message, no change of R committed after S has
 been enqueued before it, and the read holds R's newest state; otherwise a
@@ -49,7 +53,7 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import orjson
@@ -121,6 +125,20 @@ class Page:
     read_at: datetime
     elapsed_ms: float
     rows_read: int          # rows the page query returned (filtered ones included)
+
+
+class RecentChange(NamedTuple):
+    """A captured change of a page's row (backfill_recent_changes); row and metadata only with filters."""
+
+    record_pk: str
+    xid: int
+    action: str
+    record: str | None
+    changes: str | None
+    committed: str | None
+    commit_lsn: int
+    commit_idx: int
+    annotations: str | None
 
 
 class JobLost(Exception):
@@ -320,6 +338,25 @@ class BackfillStage:
         return Page(records, record_pks, group_keys, rows[-1][0] if rows else cursor, Snapshot.parse(snap_text),
                     read_at, elapsed_ms, len(rows))
 
+    def _was_sent(self, job: Job, change: RecentChange) -> bool:
+        """Whether capture queued this change for the sink: its actions, then its filters as capture
+        applied them (kept on an error, as capture keeps it). A change the sink never got does not
+        supersede the read: dropping the read would lose the row at the destination."""
+        if change.action not in self._sink.actions:
+            return False
+        if self._predicate is None:
+            return True
+        sink = self._sink
+        metadata = {"table_schema": job.schema, "table_name": job.table, "commit_timestamp": change.committed,
+                    "commit_lsn": change.commit_lsn, "commit_idx": change.commit_idx,
+                    "transaction_annotations": orjson.loads(change.annotations) if change.annotations else None,
+                    "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
+        try:
+            return bool(self._predicate(change.action, orjson.loads(change.record or "null"),
+                                        orjson.loads(change.changes) if change.changes else None, metadata))
+        except UserFunctionError:
+            return True
+
     def _passes(self, job: Job, record: dict[str, Any], read_at: datetime) -> bool:
         """The sink's filters, applied to a read as capture applies them to a change (kept on an error)."""
         if self._predicate is None:
@@ -345,8 +382,10 @@ class BackfillStage:
                 pks = dumps(page.record_pks).decode()
                 cur = await state.execute(QUERIES["backfill_recent_changes"], {
                     "source_id": source_id, "table_oid": table_oid, "record_pks": pks,
-                    "since": page.read_at - self.visibility_margin}, prepare=False)
-                superseded = {pk for pk, xid in await cur.fetchall() if not page.snapshot.sees(xid)}
+                    "since": page.read_at - self.visibility_margin, "filtered": self._predicate is not None},
+                    prepare=False)
+                superseded = {r[0] for r in await cur.fetchall()
+                              if not page.snapshot.sees(r[1]) and self._was_sent(job, RecentChange(*r))}
                 records, group_keys = page.records, page.group_keys
                 if superseded:
                     keep = [i for i, pk in enumerate(page.record_pks) if pk not in superseded]

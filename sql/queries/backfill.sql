@@ -34,14 +34,22 @@ select pgsink.lock_sinks_for_enqueue(array[%(sink_id)s]::uuid[])
 
 -- name: backfill_recent_changes
 -- Captured changes of the page's rows since the page's snapshot minus a
--- margin, with their transaction ids, to find the ones the snapshot did not see.
+-- margin, with their transaction ids, to find the ones the snapshot did not see,
+-- and what the sink's actions and filters need to tell whether the change was
+-- sent to this sink (the row and metadata only when the sink has filters).
 -- A join, not "record_pk = any(array)": as a filter that compares every change
 -- row with every key of the page (measured: 6.7 s for a 10k-row page against
 -- 14k changes under a generic plan), while a join hashes the keys or probes
 -- the changes_row index per key. Run unprepared, so it is planned for the
--- page's real size.
--- The keys come as one JSON array (cheaper to send than a text[] of 10k keys).
-select c.record_pk, c.xid
+-- page's real size. The keys come as one JSON array (cheaper to send than a
+-- text[] of 10k keys).
+select c.record_pk, c.xid, c.action,
+       case when %(filtered)s then c.record::text end,
+       case when %(filtered)s then c.changes::text end,
+       case when %(filtered)s then
+           to_char(c.committed_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') end,
+       c.commit_lsn, c.commit_idx,
+       case when %(filtered)s then c.transaction_annotations::text end
 from json_array_elements_text(%(record_pks)s::json) as p(record_pk)
 join pgsink.changes c
   on c.source_id = %(source_id)s and c.source_table_oid = %(table_oid)s

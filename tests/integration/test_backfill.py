@@ -212,6 +212,47 @@ async def test_reads_never_overwrite_newer_changes_under_concurrent_writes(
     assert changed >= 1000 and any(m["action"] == "read" for m in receiver.delivered())
 
 
+class _UpdateAfterFirstPage(BackfillStage):
+    """Updates a row of the first page after its snapshot and waits until capture logged the
+    update, before the page is enqueued: the interleaving the superseded check is for."""
+
+    def __init__(self, dsn: str, row_id: int) -> None:
+        super().__init__(dsn, worker_id="b", poll_interval=0.1)
+        self.row_id = row_id
+        self.done = False
+
+    async def _read_page(self, *args: Any, **kwargs: Any) -> Any:
+        page = await super()._read_page(*args, **kwargs)
+        if not self.done:
+            self.done = True
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                await conn.execute("update items set note = 'changed' where id = %s", (self.row_id,))
+                await wait_for(lambda: scalar(conn, "select count(*) = 1 from pgsink.changes"
+                                                    " where action = 'update'"), what="capture of the update")
+        return page
+
+
+@pytest.mark.parametrize("sink", [{"actions": ["insert", "delete"]}, {"filters": [
+    {"column_name": "note", "operator": "!=", "comparison_value": "changed"}]}], ids=["actions", "filter"])
+async def test_a_change_the_sink_never_gets_does_not_drop_the_read(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver, sink: dict[str, Any]) -> None:
+    await aconn.execute("create table items (id int primary key, n int not null, note text)")
+    await aconn.execute("insert into items select g, 0, 'v0' from generate_series(1, 300) g")
+    source_id = await add_source(aconn, fresh_db)
+    columns = {k: json.dumps(v) if k == "filters" else v for k, v in sink.items()}
+    await add_sink(aconn, source_id, url=receiver.url, batch_size=50, **columns)
+    async with stages(CaptureStage(fresh_db, settings=READER), delivery(fresh_db)):
+        await wait_for(lambda: scalar(aconn, "select count(*) = 1 from pg_replication_slots where active"),
+                       what="the reader to stream")
+        await aconn.execute("select pgsink.start_backfill('sink', 'items', p_page_size => 100)")
+        async with stages(_UpdateAfterFirstPage(fresh_db, row_id=7)):
+            await wait_for(lambda: scalar(aconn, "select state = 'completed' from pgsink.backfills"),
+                           timeout=60, what="the backfill")
+        await receiver.wait_until(lambda: len(reads(receiver)) >= 300, timeout=30, what="a read of every row")
+    assert sorted(m["record"]["id"] for m in reads(receiver)) == list(range(1, 301))
+    assert not [m for m in receiver.delivered() if m["action"] == "update"]  # the sink never took it
+
+
 def test_snapshot_visibility_with_32_bit_xids() -> None:
     s = Snapshot.parse("100:110:103,105")
     assert s.sees(99) and s.sees(104) and not s.sees(103) and not s.sees(110) and not s.sees(200)
