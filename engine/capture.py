@@ -141,10 +141,13 @@ class SourceReader:
                     finally:
                         self.is_leader.clear()
                         self.streaming.clear()
-            except (PgsinkError, psycopg.OperationalError, LeadershipLost, OSError) as e:
+            except (PgsinkError, psycopg.OperationalError, LeadershipLost, OSError,
+                    psycopg.errors.CheckViolation) as e:
+                # CheckViolation: a partition the write needed is missing (another writer took the
+                # message ids past ours, or maintenance dropped an old day): the new session makes it
                 if self.stopping:
                     return
-                log.warning("reader for source %s: %s; retrying in %.1fs", self.source.name, e, delay,
+                log.warning("reader for source %s: %s; retrying in %.1fs", self.source.name, str(e).strip(), delay,
                             extra=self._log_extra)
                 await self._sleep(delay * (0.5 + random.random() / 2))
                 delay = min(delay * 2, self.settings.reconnect_max)

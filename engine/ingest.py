@@ -177,7 +177,10 @@ class IngestBuffer:
                     batch.checkpoint.commit_lsn, batch.checkpoint.commit_idx, batch.ack_lsn,
                     self.source_id, sink_ids))
         except psycopg.errors.CheckViolation:
-            self._message_id_limit = 0  # another writer used up the ids we thought free: re-check
+            # no partition for a row: another writer used up the ids we thought free, or a day
+            # partition was dropped; forget what we believed exists (the reader retries)
+            self._message_id_limit = 0
+            self._partition_days.clear()
             raise
         log.debug("wrote %d changes, %d messages; checkpoint %s", len(batch.changes), n_messages,
                   batch.checkpoint, extra={"source": str(self.source_id)})

@@ -133,6 +133,21 @@ async def test_restart_resumes_without_duplicates(aconn: psycopg.AsyncConnection
     assert await fetchval(aconn, "select count(*) from pgsink.messages") == 151
 
 
+async def test_a_missing_message_partition_is_made_on_a_retry(aconn: psycopg.AsyncConnection, fresh_db: str,
+                                                              setup: tuple[model.Source, UUID]) -> None:
+    source, sink_id = setup
+    async with running_reader(fresh_db, source):
+        await aconn.execute("insert into orders values (1, 'a', 1, '')")
+        await wait_for(lambda: changes_count(aconn, 1), what="the first change")
+        # another writer (a backfill, a replay) took message ids far past the reader's spare partition
+        await aconn.execute("select setval('pgsink.message_id_seq', 50000000)")
+        await aconn.execute("insert into orders values (2, 'b', 2, '')")
+        await wait_for(lambda: changes_count(aconn, 2), what="the second change, after a retry")
+    ids = [r[0] for r in await (await aconn.execute(
+        "select id from pgsink.messages where sink_id = %s order by id", (sink_id,))).fetchall()]
+    assert len(ids) == 2 and ids[1] > 50_000_000
+
+
 async def test_ddl_mid_stream(aconn: psycopg.AsyncConnection, fresh_db: str,
                               setup: tuple[model.Source, UUID]) -> None:
     source, _ = setup
