@@ -46,11 +46,14 @@ candidates as (
     for update of l skip locked
 ),
 granted as (
+    -- never less than what the lane already holds: taking that back does not grow the total, and
+    -- after max_ack_pending is lowered below what is held, it is how the holders drain (else no one
+    -- would ever have room again)
     select c.lane,
-           least(%(batch_size)s::bigint,
+           least(%(batch_size)s::bigint, greatest(c.in_flight::bigint,
                  %(max_ack_pending)s::bigint - p.n + c.in_flight
                  - coalesce(sum(%(batch_size)s::bigint - c.in_flight)
-                            over (order by c.turn rows between unbounded preceding and 1 preceding), 0)) as room
+                            over (order by c.turn rows between unbounded preceding and 1 preceding), 0))) as room
     from candidates c cross join pending p
 )
 update pgsink.lanes l
@@ -230,12 +233,13 @@ candidates as (
     for update of g skip locked
 ),
 granted as (
+    -- never less than what the group already holds (see lease_lanes)
     select c.group_key,
-           least(%(batch_size)s::bigint,
+           least(%(batch_size)s::bigint, greatest(c.in_flight::bigint,
                  %(max_ack_pending)s::bigint - p.n + c.in_flight
                  - coalesce(sum(%(batch_size)s::bigint - c.in_flight)
                             over (order by c.next_attempt_at, c.group_key
-                                  rows between unbounded preceding and 1 preceding), 0)) as room
+                                  rows between unbounded preceding and 1 preceding), 0))) as room
     from candidates c cross join pending p
 )
 update pgsink.parked_groups g

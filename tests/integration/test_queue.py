@@ -99,6 +99,23 @@ async def test_max_ack_pending_is_shared_by_lanes_and_parked_groups(aconn: psyco
     assert [ls.reserved for ls in got] == [10]
 
 
+async def test_lowering_max_ack_pending_below_what_parked_groups_hold_does_not_stall(
+        aconn: psycopg.AsyncConnection) -> None:
+    refs = await setup_sink(aconn, lane_count=4, batch_size=10, max_ack_pending=1000)
+    for key in ("a", "b"):  # two parked groups, each holding 8 reserved messages, due now
+        await aconn.execute("insert into pgsink.parked_groups (sink_id, group_key, lane, in_flight, next_attempt_at)"
+                            " values (%s, %s, 0, 8, now())", (refs.sink_id, key))
+    # the sink's max_ack_pending is lowered to 5 while 16 are held: no group had room left, and nothing
+    # ever lowered what they hold. Each may take back what it holds (the total does not grow), so the
+    # groups drain and the sink comes back under its limit.
+    got = await q.lease_parked_groups(aconn, sink_id=refs.sink_id, batch_size=10, max_ack_pending=5, owner="r",
+                                      max_groups=4, lease_seconds=30)
+    assert sorted((g.group_key, g.reserved) for g in got) == [("a", 8), ("b", 8)]
+    await aconn.execute("update pgsink.parked_groups set lease_owner = null, lease_expires = null")
+    await enqueue_changes(aconn, refs.sink_id, rows(["x"]))
+    assert await lease(aconn, refs, "w", max_ack_pending=5) == []  # lanes wait until the sink is back under
+
+
 async def test_concurrent_leases_never_exceed_max_ack_pending(fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
     refs = await setup_sink(aconn, lane_count=64, batch_size=7, max_ack_pending=40)
     await enqueue_changes(aconn, refs.sink_id, rows([str(i) for i in range(500)]))
