@@ -351,30 +351,37 @@ class DeliveryStage:
         return Enricher(source, sink.enrichment_sql)
 
     async def _renew_loop(self) -> None:
-        """Extend held leases every third of the lease; a lease found lost is logged (its ack is fenced)."""
+        """Extend held leases every third of the lease; the task of a lease found lost is stopped."""
         assert self._stop is not None
         while not self.stopping:
             await wait_event(self._stop, self.lease_seconds / 3)
             if self.stopping:
                 return
-            lanes: list[tuple[UUID, int]] = []
-            groups: list[tuple[UUID, str]] = []
-            for r in [*self._runners.values(), *self._retired]:
-                lanes.extend((r.sink_id, lane) for lane in r.lane_tasks)
-                groups.extend((r.sink_id, key) for key in r.group_tasks)
+            # the task that held each lease when we asked: only that one is stopped if the lease is lost
+            # (a lane released by its finished task and leased again runs a new task, which is fine)
+            lanes = {(r.sink_id, lane): t for r in [*self._runners.values(), *self._retired]
+                     for lane, t in r.lane_tasks.items()}
+            groups = {(r.sink_id, key): t for r in [*self._runners.values(), *self._retired]
+                      for key, t in r.group_tasks.items()}
             if not lanes and not groups:
                 continue
             try:
                 kept_lanes, kept_groups = await self.with_conn(
-                    q.renew_leases, self.owner, self.lease_seconds, lanes, groups)
+                    q.renew_leases, self.owner, self.lease_seconds, list(lanes), list(groups))
             except TRANSIENT_DB_ERRORS as e:
                 log.warning("cannot renew leases (%s); they expire in %.0f s", e, self.lease_seconds)
                 continue
-            for lost in set(lanes) - kept_lanes:
-                log.warning("lease of lane %s of sink %s was lost; its batch will be delivered again",
-                            lost[1], lost[0])
-            for lost_group in set(groups) - kept_groups:
-                log.warning("lease of parked group %r of sink %s was lost", lost_group[1], lost_group[0])
+            # another worker holds these now and sends their batches again: a request still in flight
+            # here must not race that worker's later batches of the same groups
+            for (sink_id, lane), task in lanes.items():
+                if (sink_id, lane) not in kept_lanes and not task.done():
+                    log.warning("lease of lane %s of sink %s was lost; stopping its delivery here", lane, sink_id)
+                    task.cancel()
+            for (sink_id, key), task in groups.items():
+                if (sink_id, key) not in kept_groups and not task.done():
+                    log.warning("lease of parked group %r of sink %s was lost; stopping its delivery here",
+                                key, sink_id)
+                    task.cancel()
 
     async def _shutdown(self) -> None:
         """Stop claiming, give in-flight requests the grace period, then release our leases."""

@@ -201,6 +201,8 @@ class SinkRunner:
                     if self.halted:
                         await self._quietly(q.release_lane, lease, self.stage.owner)
                         continue
+                    if lease.lane in self.lane_tasks:
+                        continue  # its lease had expired under a task still running here: that task goes on
                     self.lane_tasks[lease.lane] = self.stage.spawn(
                         self._lane_work(lease), f"pgsink.deliver.{sink.name}.lane{lease.lane}")
             await wait_event(self.lane_wake, jittered(self.stage.poll_interval))
@@ -351,6 +353,8 @@ class SinkRunner:
                     if self.halted:
                         await self._quietly(q.release_parked_group, lease, self.stage.owner)
                         continue
+                    if lease.group_key in self.group_tasks:
+                        continue  # as for lanes: the task still running here goes on
                     self.group_tasks[lease.group_key] = self.stage.spawn(
                         self._group_batch(lease), f"pgsink.deliver.{sink.name}.parked")
             await wait_event(self.group_wake, jittered(self.stage.poll_interval))

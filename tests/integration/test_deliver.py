@@ -233,6 +233,35 @@ async def _sample_lease_owners(dsn: str, owners: set[str], all_seen: asyncio.Eve
 # ---------------------------------------------------------------- retries
 
 
+async def test_a_lane_lease_taken_by_another_worker_stops_its_request_here(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    released = asyncio.Event()
+
+    async def hang(req: Received) -> int:
+        await released.wait()  # the endpoint holds the request past the lease
+        return 200
+
+    receiver.behavior = hang
+    refs = await create_sink(aconn, receiver.url, batch_size=10, lane_count=1)
+    await enqueue_changes(aconn, refs.sink_id, seq_rows(["a"], 1))
+    stage = stage_for(fresh_db, lease_seconds=1.5)  # renewed every 0.5 s
+    async with running(stage):
+        await receiver.wait_until(lambda: len(receiver.requests) == 1, what="the request in flight")
+        # another worker took the lane (as after renewals failed for a whole lease): it sends the batch
+        # again, so this worker's request must stop rather than race that worker's later batches
+        await aconn.execute("update pgsink.lanes set lease_owner = 'other', lease_expires = now() + interval '1 h'"
+                            " where sink_id = %s", (refs.sink_id,))
+        await wait_for(lambda: _no_lane_tasks(stage, refs.sink_id), timeout=10, what="the lane task to stop")
+        released.set()
+    assert await scalar(aconn, "select count(*) from pgsink.attempts") == 0  # it never acked
+    assert await scalar(aconn, "select lease_owner from pgsink.lanes where sink_id = %s", refs.sink_id) == "other"
+
+
+async def _no_lane_tasks(stage: DeliveryStage, sink_id: Any) -> bool:
+    runner = stage._runners.get(sink_id)  # noqa: SLF001 - the stage's own view of what it delivers
+    return runner is not None and not runner.lane_tasks
+
+
 async def test_500_then_200_is_retried_with_growing_delays(
         fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
     answers = iter([500, 500, 500, 500, 200])
