@@ -14,7 +14,7 @@ import yaml
 
 from ..model import Config, HttpEndpoint, Source
 from .apply import read_config
-from .parse import _FUNCTION_FIELDS
+from .functions import FUNCTION_FIELDS
 from .specs import SinkSpec, current_specs, format_retention
 
 
@@ -122,7 +122,7 @@ def _export_sink(k: SinkSpec) -> dict[str, Any]:
                max_ack_pending=k.max_ack_pending, lane_count=k.lane_count)
     if k.filters:
         out["filters"] = [dict(f) for f in k.filters]
-    for (key, form), attr in _FUNCTION_FIELDS.items():
+    for (key, form), attr in FUNCTION_FIELDS.items():
         if (value := getattr(k, attr)) is not None:
             out[key] = {form: value}
     if k.function_timeout_ms != 1000:
