@@ -48,11 +48,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -69,7 +70,7 @@ from .ingest import group_key, key_text, record_key
 from .model import Sink, load_config
 from .queries import QUERIES
 from .userfunc import UserFunctionError
-from .values import TypeRegistry, dumps
+from .values import RawJson, TypeRegistry, dumps
 
 log = logging.getLogger("pgsink.backfill")
 
@@ -135,7 +136,7 @@ class RecentChange(NamedTuple):
     action: str
     record: str | None
     changes: str | None
-    committed: str | None
+    committed: datetime | None
     commit_lsn: int
     commit_idx: int
     annotations: str | None
@@ -179,6 +180,7 @@ class BackfillStage:
         listener = asyncio.create_task(
             db.listen(self.dsn, ("pgsink_backfills",), lambda _n: self._wake.set(), self._wake.set, self._stop),
             name="pgsink.backfill.listen")
+        listener.add_done_callback(_log_listener_failure)
         try:
             while not self._stop.is_set():
                 self._wake.clear()
@@ -347,15 +349,17 @@ class BackfillStage:
         if self._predicate is None:
             return True
         sink = self._sink
-        metadata = {"table_schema": job.schema, "table_name": job.table, "commit_timestamp": change.committed,
-                    "commit_lsn": change.commit_lsn, "commit_idx": change.commit_idx,
-                    "transaction_annotations": orjson.loads(change.annotations) if change.annotations else None,
-                    "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
-        try:
-            return bool(self._predicate(change.action, orjson.loads(change.record or "null"),
-                                        orjson.loads(change.changes) if change.changes else None, metadata))
-        except UserFunctionError:
-            return True
+        try:  # the values as capture gave them to the filter: numbers exact, its timestamp text
+            metadata = {"table_schema": job.schema, "table_name": job.table,
+                        "commit_timestamp": change.committed.astimezone(UTC).isoformat() if change.committed else None,
+                        "commit_lsn": change.commit_lsn, "commit_idx": change.commit_idx,
+                        "transaction_annotations": orjson.loads(change.annotations) if change.annotations else None,
+                        "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
+            record = json.loads(change.record or "null", parse_float=RawJson)
+            changes = json.loads(change.changes, parse_float=RawJson) if change.changes else None
+            return bool(self._predicate(change.action, record, changes, metadata))
+        except (UserFunctionError, ValueError):
+            return True  # as capture: a change its filter could not judge was queued
 
     def _passes(self, job: Job, record: dict[str, Any], read_at: datetime) -> bool:
         """The sink's filters, applied to a read as capture applies them to a change (kept on an error)."""
@@ -400,6 +404,11 @@ class BackfillStage:
             raise JobLost(str(e)) from None
         if superseded:
             log.debug("backfill %s: %d row(s) superseded by newer captured changes", job.id, len(superseded))
+
+
+def _log_listener_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("backfill: LISTEN stopped; new jobs are found by polling only", exc_info=task.exception())
 
 
 def parse_position(text: str) -> Any:

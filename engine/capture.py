@@ -141,10 +141,8 @@ class SourceReader:
                     finally:
                         self.is_leader.clear()
                         self.streaming.clear()
-            except (PgsinkError, psycopg.OperationalError, LeadershipLost, OSError,
-                    psycopg.errors.CheckViolation) as e:
-                # CheckViolation: a partition the write needed is missing (another writer took the
-                # message ids past ours, or maintenance dropped an old day): the new session makes it
+            except (PgsinkError, psycopg.OperationalError, LeadershipLost, OSError) as e:
+                # PgsinkError includes ingest.MissingPartition: the new session makes the partition
                 if self.stopping:
                     return
                 log.warning("reader for source %s: %s; retrying in %.1fs", self.source.name, str(e).strip(), delay,

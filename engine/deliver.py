@@ -42,7 +42,7 @@ from .render import RenderContext, RequestTarget, idempotency_key, join_url, ren
 from .enrichment import Enricher
 from .sink_functions import DEFAULT_ROUTE, Prepared, SinkFunctions, render_enriched, render_transformed
 from .signing import batch_id, sign_headers
-from .sink_runner import TRANSIENT_DB_ERRORS, SinkRunner, SinkSetup, jittered, wait_event
+from .sink_runner import TRANSIENT_DB_ERRORS, SinkRunner, SinkSetup, jittered, stop_task, wait_event
 
 log = logging.getLogger("pgsink.deliver")
 
@@ -366,22 +366,26 @@ class DeliveryStage:
             if not lanes and not groups:
                 continue
             try:
-                kept_lanes, kept_groups = await self.with_conn(
+                lost_lanes, lost_groups = await self.with_conn(
                     q.renew_leases, self.owner, self.lease_seconds, list(lanes), list(groups))
             except TRANSIENT_DB_ERRORS as e:
                 log.warning("cannot renew leases (%s); they expire in %.0f s", e, self.lease_seconds)
                 continue
-            # another worker holds these now and sends their batches again: a request still in flight
-            # here must not race that worker's later batches of the same groups
-            for (sink_id, lane), task in lanes.items():
-                if (sink_id, lane) not in kept_lanes and not task.done():
-                    log.warning("lease of lane %s of sink %s was lost; stopping its delivery here", lane, sink_id)
-                    task.cancel()
-            for (sink_id, key), task in groups.items():
-                if (sink_id, key) not in kept_groups and not task.done():
-                    log.warning("lease of parked group %r of sink %s was lost; stopping its delivery here",
-                                key, sink_id)
-                    task.cancel()
+            # a task whose lease is no longer ours stops: another worker holds it, or held it and sent
+            # its batches meanwhile, and a request still in flight here must not race those (a task
+            # that released its own lease as it finished is at its end anyway)
+            for (sink_id, lane), taken in lost_lanes.items():
+                task = lanes[(sink_id, lane)]
+                if taken and not task.done():
+                    log.warning("lease of lane %s of sink %s was taken by another worker; stopping its"
+                                " delivery here", lane, sink_id)
+                stop_task(task)
+            for (sink_id, key), taken in lost_groups.items():
+                task = groups[(sink_id, key)]
+                if taken and not task.done():
+                    log.warning("lease of parked group %r of sink %s was taken by another worker; stopping its"
+                                " delivery here", key, sink_id)
+                stop_task(task)
 
     async def _shutdown(self) -> None:
         """Stop claiming, give in-flight requests the grace period, then release our leases."""

@@ -29,6 +29,7 @@ from uuid import UUID
 import psycopg
 
 from .decode import RowChange
+from .errors import PgsinkError
 from .queries import QUERIES
 from .queue import lane_for
 from .values import RawJson, dumps
@@ -96,6 +97,10 @@ class Batch:
     previous: Position    # the checkpoint the transaction expects to find (the fence)
     checkpoint: Position  # the checkpoint it writes
     ack_lsn: int          # what may be acknowledged to the slot once it committed
+
+
+class MissingPartition(PgsinkError):
+    """A capture write found no partition for one of its rows (retried after a reconnect)."""
 
 
 @dataclass
@@ -176,12 +181,14 @@ class IngestBuffer:
                 await conn.execute(QUERIES["capture_finish"], (
                     batch.checkpoint.commit_lsn, batch.checkpoint.commit_idx, batch.ack_lsn,
                     self.source_id, sink_ids))
-        except psycopg.errors.CheckViolation:
-            # no partition for a row: another writer used up the ids we thought free, or a day
-            # partition was dropped; forget what we believed exists (the reader retries)
+        except psycopg.errors.CheckViolation as e:
+            if "no partition" not in (e.diag.message_primary or ""):
+                raise
+            # another writer used up the ids we thought free, or a day partition was dropped: forget
+            # what we believed exists; the reader reconnects and the next write makes the partition
             self._message_id_limit = 0
             self._partition_days.clear()
-            raise
+            raise MissingPartition(str(e).strip()) from e
         log.debug("wrote %d changes, %d messages; checkpoint %s", len(batch.changes), n_messages,
                   batch.checkpoint, extra={"source": str(self.source_id)})
         return batch.ack_lsn

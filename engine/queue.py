@@ -502,23 +502,24 @@ async def release_parked_group(conn: psycopg.AsyncConnection, lease: GroupLease,
 
 async def renew_leases(conn: psycopg.AsyncConnection, owner: str, lease_seconds: float,
                        lanes: Sequence[tuple[UUID, int]], groups: Sequence[tuple[UUID, str]]
-                       ) -> tuple[set[tuple[UUID, int]], set[tuple[UUID, str]]]:
-    """Extend the leases this owner holds; returns those still held (the others were lost)."""
-    kept_lanes: set[tuple[UUID, int]] = set()
-    kept_groups: set[tuple[UUID, str]] = set()
+                       ) -> tuple[dict[tuple[UUID, int], bool], dict[tuple[UUID, str], bool]]:
+    """Extend the leases this owner holds; returns the others, each with whether another owner
+    holds it now (False: the lease ended, e.g. its own task released it as it finished)."""
+    lost_lanes: dict[tuple[UUID, int], bool] = {}
+    lost_groups: dict[tuple[UUID, str], bool] = {}
     if lanes:
         cur = await conn.execute(QUERIES["renew_lane_leases"], {
             "owner": owner, "lease_seconds": lease_seconds,
             "sink_ids": [s for s, _ in lanes], "lanes": [n for _, n in lanes],
         })
-        kept_lanes = {(r[0], r[1]) for r in await cur.fetchall()}
+        lost_lanes = {(r[0], r[1]): r[2] for r in await cur.fetchall()}
     if groups:
         cur = await conn.execute(QUERIES["renew_group_leases"], {
             "owner": owner, "lease_seconds": lease_seconds,
             "sink_ids": [s for s, _ in groups], "group_keys": [k for _, k in groups],
         })
-        kept_groups = {(r[0], r[1]) for r in await cur.fetchall()}
-    return kept_lanes, kept_groups
+        lost_groups = {(r[0], r[1]): r[2] for r in await cur.fetchall()}
+    return lost_lanes, lost_groups
 
 
 async def release_all(conn: psycopg.AsyncConnection, owner: str, sink_ids: Sequence[UUID]) -> None:

@@ -72,6 +72,13 @@ def _forget(tasks: dict[Any, asyncio.Task[None]], key: Any) -> None:
         del tasks[key]
 
 
+def stop_task(task: asyncio.Task[None]) -> None:
+    """Cancel a task once: a second cancel could cut short the clean-up of the first (a psycopg
+    query being cancelled on the server, a connection going back to the pool)."""
+    if not task.done() and not task.cancelling():
+        task.cancel()
+
+
 def jittered(seconds: float) -> float:
     return seconds * random.uniform(0.8, 1.2)
 
@@ -201,8 +208,10 @@ class SinkRunner:
                     if self.halted:
                         await self._quietly(q.release_lane, lease, self.stage.owner)
                         continue
-                    if lease.lane in self.lane_tasks:
-                        continue  # its lease had expired under a task still running here: that task goes on
+                    if (old := self.lane_tasks.get(lease.lane)) is not None:
+                        # its lease had expired under a task still running here, and another worker may
+                        # have delivered meanwhile: that task stops, a new one goes on from this lease
+                        stop_task(old)
                     self.lane_tasks[lease.lane] = self.stage.spawn(
                         self._lane_work(lease), f"pgsink.deliver.{sink.name}.lane{lease.lane}")
             await wait_event(self.lane_wake, jittered(self.stage.poll_interval))
@@ -353,8 +362,8 @@ class SinkRunner:
                     if self.halted:
                         await self._quietly(q.release_parked_group, lease, self.stage.owner)
                         continue
-                    if lease.group_key in self.group_tasks:
-                        continue  # as for lanes: the task still running here goes on
+                    if (old := self.group_tasks.get(lease.group_key)) is not None:
+                        stop_task(old)  # as for lanes
                     self.group_tasks[lease.group_key] = self.stage.spawn(
                         self._group_batch(lease), f"pgsink.deliver.{sink.name}.parked")
             await wait_event(self.group_wake, jittered(self.stage.poll_interval))

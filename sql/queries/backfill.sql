@@ -46,8 +46,7 @@ select pgsink.lock_sinks_for_enqueue(array[%(sink_id)s]::uuid[])
 select c.record_pk, c.xid, c.action,
        case when %(filtered)s then c.record::text end,
        case when %(filtered)s then c.changes::text end,
-       case when %(filtered)s then
-           to_char(c.committed_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') end,
+       case when %(filtered)s then c.committed_at end,
        c.commit_lsn, c.commit_idx,
        case when %(filtered)s then c.transaction_annotations::text end
 from json_array_elements_text(%(record_pks)s::json) as p(record_pk)

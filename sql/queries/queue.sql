@@ -362,18 +362,36 @@ set lease_owner = null, lease_expires = null,
 where sink_id = %(sink_id)s and group_key = %(group_key)s and lease_owner = %(owner)s
 
 -- name: renew_lane_leases
-update pgsink.lanes l
-set lease_expires = now() + make_interval(secs => %(lease_seconds)s)
-from unnest(%(sink_ids)s::uuid[], %(lanes)s::smallint[]) as h(sink_id, lane)
-where l.sink_id = h.sink_id and l.lane = h.lane and l.lease_owner = %(owner)s
-returning l.sink_id, l.lane
+-- Extends the leases this owner still holds; returns the others, with whether another owner
+-- holds them now (else the lease ended: released by its own task as it finished, or taken by
+-- another worker after it expired and released again).
+with held as (
+    select * from unnest(%(sink_ids)s::uuid[], %(lanes)s::smallint[]) as h(sink_id, lane)
+), renewed as (
+    update pgsink.lanes l
+    set lease_expires = now() + make_interval(secs => %(lease_seconds)s)
+    from held h
+    where l.sink_id = h.sink_id and l.lane = h.lane and l.lease_owner = %(owner)s
+    returning l.sink_id
+)
+select l.sink_id, l.lane, l.lease_owner is not null
+from pgsink.lanes l join held h on l.sink_id = h.sink_id and l.lane = h.lane
+where l.lease_owner is distinct from %(owner)s
 
 -- name: renew_group_leases
-update pgsink.parked_groups g
-set lease_expires = now() + make_interval(secs => %(lease_seconds)s)
-from unnest(%(sink_ids)s::uuid[], %(group_keys)s::text[]) as h(sink_id, group_key)
-where g.sink_id = h.sink_id and g.group_key = h.group_key and g.lease_owner = %(owner)s
-returning g.sink_id, g.group_key
+-- As renew_lane_leases, for parked groups.
+with held as (
+    select * from unnest(%(sink_ids)s::uuid[], %(group_keys)s::text[]) as h(sink_id, group_key)
+), renewed as (
+    update pgsink.parked_groups g
+    set lease_expires = now() + make_interval(secs => %(lease_seconds)s)
+    from held h
+    where g.sink_id = h.sink_id and g.group_key = h.group_key and g.lease_owner = %(owner)s
+    returning g.sink_id
+)
+select g.sink_id, g.group_key, g.lease_owner is not null
+from pgsink.parked_groups g join held h on g.sink_id = h.sink_id and g.group_key = h.group_key
+where g.lease_owner is distinct from %(owner)s
 
 -- name: release_lane_leases
 update pgsink.lanes

@@ -329,10 +329,18 @@ async def test_renew_and_release_leases(aconn: psycopg.AsyncConnection) -> None:
     await enqueue_changes(aconn, refs.sink_id, rows(["a", "b", "c", "d", "e"]))
     got = await lease(aconn, refs, "w1", lease_seconds=1)
     held = [(refs.sink_id, ls.lane) for ls in got]
-    kept, _ = await q.renew_leases(aconn, "w1", 60, held + [(refs.sink_id, 99)], [])
-    assert kept == set(held)
+    lost, _ = await q.renew_leases(aconn, "w1", 60, held + [(refs.sink_id, 99)], [])
+    assert lost == {}  # lane 99 does not exist
     assert await scalar(aconn, "select min(lease_expires) > now() + interval '50 s' from pgsink.lanes"
                                " where lease_owner = 'w1'")
+    await aconn.execute("update pgsink.lanes set lease_owner = 'w2' where sink_id = %s and lane = %s",
+                        (refs.sink_id, got[0].lane))
+    await aconn.execute("update pgsink.lanes set lease_owner = null where sink_id = %s and lane = %s",
+                        (refs.sink_id, got[1].lane))
+    lost, _ = await q.renew_leases(aconn, "w1", 60, held, [])
+    assert lost == {(refs.sink_id, got[0].lane): True, (refs.sink_id, got[1].lane): False}
+    await aconn.execute("update pgsink.lanes set lease_owner = 'w1' where sink_id = %s and lane in (%s, %s)",
+                        (refs.sink_id, got[0].lane, got[1].lane))
     await q.release_all(aconn, "w1", [refs.sink_id])
     assert await scalar(aconn, "select count(*) from pgsink.lanes where lease_owner is not null or in_flight > 0") == 0
 
