@@ -348,31 +348,33 @@ class BackfillStage:
             return False
         if self._predicate is None:
             return True
-        sink = self._sink
         try:  # the values as capture gave them to the filter: numbers exact, its timestamp text
-            metadata = {"table_schema": job.schema, "table_name": job.table,
-                        "commit_timestamp": change.committed.astimezone(UTC).isoformat() if change.committed else None,
-                        "commit_lsn": change.commit_lsn, "commit_idx": change.commit_idx,
-                        "transaction_annotations": orjson.loads(change.annotations) if change.annotations else None,
-                        "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
+            stamp = change.committed.astimezone(UTC).isoformat() if change.committed else None
+            annotations = orjson.loads(change.annotations) if change.annotations else None
+            metadata = self._filter_metadata(job, stamp, change.commit_lsn, change.commit_idx, annotations)
             record = json.loads(change.record or "null", parse_float=RawJson)
             changes = json.loads(change.changes, parse_float=RawJson) if change.changes else None
             return bool(self._predicate(change.action, record, changes, metadata))
         except (UserFunctionError, ValueError):
             return True  # as capture: a change its filter could not judge was queued
 
+    def _filter_metadata(self, job: Job, commit_timestamp: str | None, commit_lsn: int, commit_idx: int,
+                         annotations: Any) -> dict[str, Any]:
+        """The ``metadata`` a sink filter sees, shaped as capture gives it."""
+        sink = self._sink
+        return {"table_schema": job.schema, "table_name": job.table, "commit_timestamp": commit_timestamp,
+                "commit_lsn": commit_lsn, "commit_idx": commit_idx, "transaction_annotations": annotations,
+                "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
+
     def _passes(self, job: Job, record: dict[str, Any], read_at: datetime) -> bool:
         """The sink's filters, applied to a read as capture applies them to a change (kept on an error)."""
         if self._predicate is None:
             return True
-        sink = self._sink
-        metadata = {"table_schema": job.schema, "table_name": job.table, "commit_timestamp": read_at.isoformat(),
-                    "commit_lsn": 0, "commit_idx": 0, "transaction_annotations": None,
-                    "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
+        metadata = self._filter_metadata(job, read_at.isoformat(), 0, 0, None)
         try:
             return bool(self._predicate("read", record, None, metadata))
         except UserFunctionError as e:
-            log.warning("sink %s: filter failed on a read of %s.%s, the row is sent anyway: %s", sink.name,
+            log.warning("sink %s: filter failed on a read of %s.%s, the row is sent anyway: %s", self._sink.name,
                         job.schema, job.table, e.describe())
             return True
 

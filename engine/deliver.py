@@ -1,11 +1,11 @@
 """The delivery stage: lease lanes, POST group-ordered batches, ack or back off.
 
 Per active sink, a runner (``sink_runner.SinkRunner``) keeps up to
-``min(lane_count, max_lanes_per_sink)`` lanes in flight (one batch per lane, so a group never has two requests in
-flight) plus a few parked groups. Each lane batch: lease (within
-max_ack_pending) -> read after the cursor (waiting up to batch_timeout_ms for
-a short batch to fill) -> render -> POST -> one statement that acks, backs
-off, parks or discards. All state is in Postgres; a worker that dies loses
+``min(lane_count, max_lanes_per_sink)`` lanes in flight (one batch per lane,
+so a group never has two requests in flight) plus a few parked groups. Each
+lane batch: lease (within max_ack_pending) -> read after the cursor (waiting
+up to batch_timeout_ms for a short batch to fill) -> render -> POST -> one
+statement that acks, backs off, parks or discards. All state is in Postgres; a worker that dies loses
 its leases when they expire, and another delivers the batch again with the
 same idempotency keys.
 
