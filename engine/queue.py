@@ -363,19 +363,25 @@ async def advance_lane(conn: psycopg.AsyncConnection, lease: LaneLease, owner: s
 
     Returns False when the lease was lost (another worker owns the lane now):
     nothing was written, and that worker will deliver the batch again.
+    Drained groups (``unpark_keys``) are dropped by a second statement, once
+    the first holds the lane row (see ``unpark_groups`` in queue.sql).
     """
-    cur = await conn.execute(QUERIES["advance_lane"], {
-        "sink_id": lease.sink_id, "lane": lease.lane, "owner": owner, "after_id": lease.delivered_id,
-        "last_id": last_id, "lane_error": lane_error,
-        **_attempt_params(attempt),
-        "copy_ids": [c.id for c in copies], "copy_states": [c.state for c in copies],
-        "copy_attempts": [c.attempts for c in copies],
-        "park_keys": [g.group_key for g in park], "park_attempts": [g.attempts for g in park],
-        "park_delays": [g.delay for g in park], "park_in_flight": [g.in_flight for g in park],
-        "behind_keys": list(behind_keys), "unpark_keys": list(unpark_keys),
-    })
-    row = await cur.fetchone()
-    return bool(row and row[0])
+    async with conn.transaction():
+        cur = await conn.execute(QUERIES["advance_lane"], {
+            "sink_id": lease.sink_id, "lane": lease.lane, "owner": owner, "after_id": lease.delivered_id,
+            "last_id": last_id, "lane_error": lane_error,
+            **_attempt_params(attempt),
+            "copy_ids": [c.id for c in copies], "copy_states": [c.state for c in copies],
+            "copy_attempts": [c.attempts for c in copies],
+            "park_keys": [g.group_key for g in park], "park_attempts": [g.attempts for g in park],
+            "park_delays": [g.delay for g in park], "park_in_flight": [g.in_flight for g in park],
+            "behind_keys": list(behind_keys),
+        })
+        row = await cur.fetchone()
+        advanced = bool(row and row[0])
+        if advanced and unpark_keys:
+            await conn.execute(QUERIES["unpark_groups"], {"sink_id": lease.sink_id, "unpark_keys": list(unpark_keys)})
+    return advanced
 
 
 async def fail_lane(conn: psycopg.AsyncConnection, lease: LaneLease, owner: str, *, delay: float,

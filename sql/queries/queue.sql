@@ -128,8 +128,8 @@ select count(*) from lane
 
 -- name: advance_lane
 -- Move the cursor past a batch, in one statement: the attempt row, copies
--- into parked_messages (parked behind, parked after failing, or discarded),
--- parked group rows, and groups that drained and are delivered normally again.
+-- into parked_messages (parked behind, parked after failing, or discarded)
+-- and parked group rows. Groups found drained go next (unpark_groups).
 with lane as (
     update pgsink.lanes
     set delivered_id = %(last_id)s::bigint, failures = 0, retry_at = null, in_flight = 0,
@@ -177,14 +177,6 @@ behind as (
     select lane.sink_id, k.group_key, lane.lane
     from lane cross join unnest(%(behind_keys)s::text[]) as k(group_key)
     on conflict do nothing
-),
-unparked as (
-    delete from pgsink.parked_groups g
-    using lane
-    where g.sink_id = lane.sink_id and g.group_key = any(%(unpark_keys)s::text[])
-      and (g.lease_owner is null or g.lease_expires < now())  -- a retrier holding it drops it itself
-      and not exists (select 1 from pgsink.parked_messages pm
-                      where pm.sink_id = g.sink_id and pm.group_key = g.group_key and pm.state = 'parked')
 )
 select count(*) from lane
 
@@ -339,6 +331,17 @@ select count(*) from grp
 update pgsink.parked_messages
 set state = 'discarded', discarded_at = now()
 where sink_id = %(sink_id)s and id = any(%(ids)s::bigint[]) and state = 'parked'
+
+-- name: unpark_groups
+-- Groups the lane found drained are delivered normally again: their rows go.
+-- Run after advance_lane, in its transaction, as a statement of its own: the
+-- lane row is locked by then, so this snapshot sees any retry_message that
+-- parked a message of the group again (it locks the lane row first).
+delete from pgsink.parked_groups g
+where g.sink_id = %(sink_id)s and g.group_key = any(%(unpark_keys)s::text[])
+  and (g.lease_owner is null or g.lease_expires < now())  -- a retrier holding it drops it itself
+  and not exists (select 1 from pgsink.parked_messages pm
+                  where pm.sink_id = g.sink_id and pm.group_key = g.group_key and pm.state = 'parked')
 
 -- name: lock_lane_shared
 -- Taken (in its own statement) before dropping a drained parked group: it

@@ -392,3 +392,64 @@ async def test_lane_read_and_lease_use_index_scans(aconn: psycopg.AsyncConnectio
         scans = [(n["Node Type"], n.get("Relation Name", "")) for n in nodes]
         assert not [s for s in scans if s[0] == "Seq Scan" and s[1].startswith("messages")], scans
         assert any(t in ("Index Scan", "Index Only Scan") and r.startswith("messages") for t, r in scans), scans
+
+
+async def _retry_racing(fresh_db: str, aconn: psycopg.AsyncConnection, refs: SinkRefs, other: Any) -> Any:
+    """Run ``other(conn)`` (a group drop or a lane ack) while ``pgsink.retry_message`` of the
+    discarded message 0 of group 'k' is open; return its result once the retry has committed."""
+    retrier = await psycopg.AsyncConnection.connect(fresh_db, autocommit=True)
+    racer = await psycopg.AsyncConnection.connect(fresh_db, autocommit=True)
+    try:
+        async with retrier.transaction():
+            await retrier.execute("select pgsink.retry_message('orders_webhook', 0)")
+            task = asyncio.create_task(other(racer))
+            pid = racer.info.backend_pid
+
+            async def racer_waits() -> bool:
+                return bool(await scalar(aconn, "select wait_event_type = 'Lock' from pg_stat_activity"
+                                                " where pid = %s", pid))
+            await wait_for(racer_waits, what="the racing statement to wait for the retry")
+        return await task
+    finally:
+        await retrier.close()
+        await racer.close()
+
+
+async def _discarded_group(aconn: psycopg.AsyncConnection, refs: SinkRefs) -> None:
+    """Group 'k' of lane 0: its row, and its message 0 discarded (nothing parked: drained)."""
+    await aconn.execute("insert into pgsink.parked_groups (sink_id, group_key, lane) values (%s, 'k', 0)",
+                        (refs.sink_id,))
+    await aconn.execute(
+        "insert into pgsink.parked_messages (sink_id, id, lane, group_key, action, commit_lsn, commit_idx,"
+        " committed_at, state, discarded_at) values (%s, 0, 0, 'k', 'insert', 1, 0, now(), 'discarded', now())",
+        (refs.sink_id,))
+
+
+async def _retried_message_keeps_its_group(aconn: psycopg.AsyncConnection) -> None:
+    assert await scalar(aconn, "select state from pgsink.parked_messages where id = 0") == "parked"
+    # without its group row the retried message would never be sent again
+    assert await scalar(aconn, "select count(*) from pgsink.parked_groups where group_key = 'k'") == 1
+
+
+async def test_a_drained_group_drop_racing_retry_message_keeps_the_group(
+        fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    refs = await setup_sink(aconn, lane_count=1, batch_size=10)
+    await _discarded_group(aconn, refs)
+    dropped = await _retry_racing(fresh_db, aconn, refs,
+                                  lambda conn: q.drop_drained_group(conn, refs.sink_id, 0, "k", None))
+    assert dropped is False
+    await _retried_message_keeps_its_group(aconn)
+
+
+async def test_a_lane_unparking_a_group_racing_retry_message_keeps_the_group(
+        fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    refs = await setup_sink(aconn, lane_count=1, batch_size=10)
+    await _discarded_group(aconn, refs)
+    ids = await enqueue_changes(aconn, refs.sink_id, rows(["k"]))
+    [ls] = await lease(aconn, refs)
+    plan = q.plan_batch(await read(aconn, refs, ls))
+    assert [m.id for m in plan.deliver] == ids and plan.unpark_keys == ["k"]
+    acked = await _retry_racing(fresh_db, aconn, refs, lambda conn: q.advance_lane(
+        conn, ls, "w1", last_id=plan.last_id, attempt=ok_attempt(ids), unpark_keys=plan.unpark_keys))
+    assert acked is True
+    await _retried_message_keeps_its_group(aconn)
