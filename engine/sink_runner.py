@@ -83,18 +83,22 @@ def jittered(seconds: float) -> float:
     return seconds * random.uniform(0.8, 1.2)
 
 
-def _sendable(m: q.QueuedMessage) -> bool:
-    """A message the request would carry (not parked behind its group, not pruned)."""
-    return m.renderable and not m.group_blocked
-
-
 async def _prepare(setup: SinkSetup, messages: list[q.QueuedMessage]) -> Prepared | None:
-    """Enrichment (one source query per batch), then transform and route; None when the sink has none."""
+    """Enrichment (one source query per batch), then transform and route; None when the sink has none.
+
+    Only the messages the request would carry (``plan_batch``: not behind their
+    group, not pruned) are enriched and given to the functions.
+    """
     if setup.functions is None and setup.enricher is None:
         return None
+    sent = {m.id for m in q.plan_batch(messages).deliver}
+
+    def _sendable(m: q.QueuedMessage) -> bool:
+        return m.id in sent
+
     enrichment: dict[int, Any] | None = None
     if setup.enricher is not None:
-        keys = sorted({m.record_pk for m in messages if _sendable(m) and m.record_pk is not None})
+        keys = sorted({m.record_pk for m in messages if m.id in sent and m.record_pk is not None})
         try:
             rows = await setup.enricher.fetch(keys)
         except (psycopg.Error, PgsinkError) as e:

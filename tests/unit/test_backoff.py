@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
+import orjson
 import pytest
 
 from pgsink.engine.queue import (
@@ -18,6 +20,9 @@ from pgsink.engine.queue import (
     plan_batch,
     plan_failure,
 )
+from pgsink.engine.render import RenderContext
+from pgsink.engine.sink_functions import SinkFunctions
+from pgsink.engine.sink_runner import SinkSetup, _prepare
 
 
 def msg(id: int, group: str | None = "g", **kw: Any) -> QueuedMessage:
@@ -124,3 +129,22 @@ def test_parked_outcome(attempts: list[int], max_retry: int | None, expect_moved
     assert (delay == 0) == expect_moved_on
     if not moved_on:
         assert backoff_floor(4, 1, 100) <= delay <= 8
+
+
+def test_functions_run_only_on_what_the_batch_sends(tmp_path: Any) -> None:
+    """A later message of a blocked group goes behind it (plan_batch): no transform runs on it, so
+    its failure or its route cannot cut the batch of messages that are sent."""
+    hook = tmp_path / "t.py"
+    hook.write_text("def transform(action, record, changes, metadata):\n"
+                    "    if record.get('boom'):\n"
+                    "        raise ValueError('boom')\n"
+                    "    return record\n")
+    functions = SinkFunctions("s", None, f"{hook}:transform", None, 5.0)
+    ctx = RenderContext(orjson.Fragment(b"{}"), orjson.Fragment(b"{}"), "db", True)
+    setup = SinkSetup(sink=None, ctx=ctx, target=None, functions=functions)  # type: ignore[arg-type]
+    batch = [msg(101, "g", group_parked=True, group_blocked=True), msg(102, "h"),
+             msg(105, "g", record='{"boom": true}'), msg(106, "k")]
+    prepared = asyncio.run(_prepare(setup, batch))
+    assert prepared is not None and prepared.error is None
+    assert [m.id for m in prepared.messages] == [101, 102, 105, 106]
+    assert sorted(prepared.bodies) == [102, 106]
