@@ -52,9 +52,9 @@ def keygen() -> None:
 
 
 def _register() -> None:
-    from . import backfill_cmds, config_cmds, demo_cmd, ops_cmds, worker_cmd
+    from . import backfill_cmds, config_cmds, demo_cmd, endpoint_cmds, ops_cmds, sink_cmds, source_cmds, worker_cmd
 
-    for module in (config_cmds, worker_cmd, demo_cmd, ops_cmds, backfill_cmds):
+    for module in (source_cmds, endpoint_cmds, sink_cmds, config_cmds, worker_cmd, demo_cmd, ops_cmds, backfill_cmds):
         module.register(app)
 
 
