@@ -47,10 +47,8 @@ only a synchronous standby stalled that long -- is assumed seen).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -71,6 +69,7 @@ from .model import Sink, load_config
 from .queries import QUERIES
 from .userfunc import UserFunctionError
 from .values import RawJson, TypeRegistry, dumps
+from .waiting import jittered, wait_event
 
 log = logging.getLogger("pgsink.backfill")
 
@@ -191,8 +190,7 @@ class BackfillStage:
                         continue
                 except (psycopg.OperationalError, PgsinkError) as e:
                     log.warning("backfill: %s; retrying", e)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval * random.uniform(0.8, 1.2))
+                await wait_event(self._wake, jittered(self.poll_interval))
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)

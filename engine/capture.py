@@ -57,6 +57,7 @@ from .replication import ReplicationStream
 from .source import ensure_slot_and_publication
 from .userfunc import UserFunctionError
 from .values import TypeRegistry
+from .waiting import wait_event
 from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
 
 log = logging.getLogger("pgsink.capture")
@@ -160,10 +161,7 @@ class SourceReader:
         return False
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        except TimeoutError:
-            pass  # the normal case: the time passed without a stop
+        await wait_event(self._stop, seconds)
 
     # ----------------------------------------------------------------- streaming
 
@@ -521,10 +519,7 @@ class CaptureStage:
                     if task.done() and task.exception() is not None:
                         raise PgsinkError(f"reader for source {reader.source.name} failed: "
                                           f"{task.exception()}") from task.exception()
-                try:
-                    await asyncio.wait_for(self._stop.wait(), self.settings.config_poll)
-                except TimeoutError:
-                    pass  # time to look at the config again
+                await wait_event(self._stop, self.settings.config_poll)  # then look at the config again
         finally:
             for reader, _ in self.readers.values():
                 reader.stop()

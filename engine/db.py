@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import PgsinkError
+from .waiting import wait_event
 
 DATABASE_URL_ENV = "PGSINK_DATABASE_URL"
 
@@ -101,8 +102,7 @@ async def listen(dsn: str, channels: Sequence[str], on_notify: Callable[[psycopg
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.close()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                await wait_event(stop, delay)
                 delay = min(delay * 2, 10.0)
     finally:
         if conn is not None:

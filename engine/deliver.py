@@ -42,7 +42,8 @@ from .render import RenderContext, RequestTarget, idempotency_key, join_url, ren
 from .enrichment import Enricher
 from .sink_functions import DEFAULT_ROUTE, Prepared, SinkFunctions, render_enriched, render_transformed
 from .signing import batch_id, sign_headers
-from .sink_runner import TRANSIENT_DB_ERRORS, SinkRunner, SinkSetup, jittered, stop_task, wait_event
+from .sink_runner import TRANSIENT_DB_ERRORS, SinkRunner, SinkSetup, stop_task
+from .waiting import jittered, wait_event
 
 log = logging.getLogger("pgsink.deliver")
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,6 +39,7 @@ from .errors import PgsinkError
 from . import queue as q
 from .ingest import MESSAGE_PARTITION_SPAN
 from .queries import QUERIES
+from .waiting import jittered, wait_event
 
 log = logging.getLogger("pgsink.maintenance")
 
@@ -82,10 +82,7 @@ class MaintenanceStage:
                              report.changes_dropped, report.messages_dropped, report.attempts_deleted)
             except (psycopg.OperationalError, PgsinkError) as e:
                 log.warning("maintenance pass failed (%s); retrying at the next one", e)
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.interval * random.uniform(0.8, 1.2))
-            except TimeoutError:
-                pass  # the interval passed without a stop: next pass
+            await wait_event(self._stop, jittered(self.interval))
 
     async def run_once(self, now: datetime | None = None) -> PassReport:
         """One pass, if no other worker is running one."""

@@ -12,10 +12,8 @@ request itself and the shared pool, session and settings belong to the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +27,7 @@ from .model import HttpEndpoint, Sink
 from .render import RenderContext, RequestTarget
 from .sink_functions import Prepared, SinkFunctions
 from .userfunc import UserFunctionError
+from .waiting import jittered, wait_event
 
 if TYPE_CHECKING:
     from .deliver import DeliveryStage
@@ -53,17 +52,7 @@ class Pulse:
         self._event = asyncio.Event()
 
     async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
-
-
-async def wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """Wait for ``event`` at most ``timeout`` seconds; True if it was set."""
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-        return True
-    except TimeoutError:
-        return False
+        await wait_event(self._event, timeout)
 
 
 def _forget(tasks: dict[Any, asyncio.Task[None]], key: Any) -> None:
@@ -77,10 +66,6 @@ def stop_task(task: asyncio.Task[None]) -> None:
     query being cancelled on the server, a connection going back to the pool)."""
     if not task.done() and not task.cancelling():
         task.cancel()
-
-
-def jittered(seconds: float) -> float:
-    return seconds * random.uniform(0.8, 1.2)
 
 
 async def _prepare(setup: SinkSetup, messages: list[q.QueuedMessage]) -> Prepared | None:
