@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import aiohttp
@@ -57,6 +58,21 @@ async def _excerpt(resp: aiohttp.ClientResponse) -> str | None:
     except (aiohttp.ClientError, TimeoutError) as e:
         return f"<response body unreadable: {type(e).__name__}>"
     return raw.decode("utf-8", "replace").replace("\x00", "")
+
+
+def _storable(text: str | None, url: str) -> str | None:
+    """Endpoint or HTTP-client text as the attempt log (and our logs) may keep it.
+
+    Header bytes come through surrogate-escaped, and Postgres text holds neither
+    lone surrogates nor NUL: either made storing the attempt raise, on every
+    retry. aiohttp's errors quote the URL, and a query string may carry a token.
+    """
+    if text is None:
+        return None
+    query = urlsplit(url).query
+    if query:
+        text = text.replace(query, "<query hidden>")
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
 
 
 USER_ERROR_LIMIT = 16_384
@@ -253,8 +269,8 @@ class DeliveryStage:
             error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         duration_ms = int((time.perf_counter() - t0) * 1000)
         delivered = error is None and status is not None and 200 <= status < 300
-        return q.Attempt([m.id for m in messages], started, duration_ms, status, text, error, delivered,
-                         retry_after)
+        return q.Attempt([m.id for m in messages], started, duration_ms, status, _storable(text, url),
+                         _storable(error, url), delivered, retry_after)
 
     # ------------------------------------------------------------ side loops
 

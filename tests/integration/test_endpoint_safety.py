@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import ssl
@@ -143,6 +144,38 @@ async def test_redirects_are_failures_and_not_followed(
     rows = await attempt_rows(aconn, refs.sink_id)
     assert all(r[0] == 302 and not r[3] for r in rows)
     assert "redirect not followed (location: /elsewhere)" in rows[0][2]
+
+
+async def test_odd_bytes_from_the_endpoint_are_recorded_and_no_token_is_kept(
+        fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    """A Location header that is not UTF-8, then one with a NUL (aiohttp's error then quotes the URL):
+    each is an ordinary failed attempt. Storing them used to raise and stop the worker, every retry."""
+    answers = [b"HTTP/1.1 302 Found\r\nLocation: /\xff\xfe\r\nContent-Length: 0\r\n\r\n",
+               b"HTTP/1.1 302 Found\r\nLocation: /a\x00b\r\nContent-Length: 0\r\n\r\n"]
+    hits = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal hits
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers[min(hits, 1)])
+        hits += 1
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        refs = await create_sink(aconn, f"http://127.0.0.1:{port}/hook?token=SECRET123", name="odd", lane_count=1)
+        await enqueue_changes(aconn, refs.sink_id, [Row({"id": 1}, "1")])
+        async with running(stage_for(fresh_db)):
+            await wait_for(lambda: _at_least(aconn, refs.sink_id, 3), what="three failed attempts")
+    finally:
+        server.close()
+    rows = await attempt_rows(aconn, refs.sink_id)
+    assert rows[0][0] == 302 and "redirect not followed (location: /" in rows[0][2]
+    assert any(r[1] for r in rows[1:]), "the NUL header should fail in the client"
+    assert not any(r[3] for r in rows)
+    assert "SECRET123" not in repr(rows)
 
 
 async def _at_least(conn: psycopg.AsyncConnection, sink_id: Any, n: int) -> bool:
