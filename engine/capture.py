@@ -56,7 +56,7 @@ from .queries import QUERIES
 from .replication import ReplicationStream
 from .source import ensure_slot_and_publication
 from .userfunc import UserFunctionError
-from .values import TypeRegistry
+from .values import TypeRegistry, dumps, loads_exact
 from .waiting import wait_event
 from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
 
@@ -354,7 +354,7 @@ class SourceReader:
         sink, predicate = entry
         metadata = {"table_schema": change.schema, "table_name": change.table,
                     "commit_timestamp": tx.committed_text.decode(), "commit_lsn": tx.commit_lsn, "commit_idx": idx,
-                    "transaction_annotations": orjson.loads(tx.annotations) if tx.annotations else None,
+                    "transaction_annotations": loads_exact(tx.annotations.decode()) if tx.annotations else None,
                     "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
         try:
             return predicate(change.action, change.record, change.changes, metadata)
@@ -425,11 +425,11 @@ SESSION_OPTIONS = ("-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -
 
 def _annotations(content: bytes, source_name: str) -> bytes | None:
     try:
-        value = orjson.loads(content)
-    except orjson.JSONDecodeError:
+        value = loads_exact(content.decode())
+    except ValueError:  # not UTF-8, not JSON, or nested too deeply
         log.warning("source %s: transaction annotations are not JSON; ignored: %r", source_name, content[:200])
         return None
-    return orjson.dumps(value)
+    return dumps(value)
 
 
 class Flusher:

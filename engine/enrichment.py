@@ -20,15 +20,15 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 import pglast
 import psycopg
 from pglast import ast
 from pglast.visitors import Visitor
 
 from .db import connect
-from .errors import ConfigError
+from .errors import ConfigError, PgsinkError
 from .model import Source
+from .values import dumps, loads_exact
 
 log = logging.getLogger("pgsink.enrichment")
 
@@ -93,10 +93,13 @@ class Enricher:
             raise
         out: dict[str, Any] = {}
         for (text,) in rows:
-            row = orjson.loads(text)
+            try:
+                row = loads_exact(text)
+            except ValueError as e:
+                raise PgsinkError(f"enrichment row is JSON Python cannot hold: {e}") from None
             if row:
                 first = next(iter(row.values()))
-                out[first if isinstance(first, str) else orjson.dumps(first).decode()] = row
+                out[first if isinstance(first, str) else dumps(first).decode()] = row
         return out
 
     async def close(self) -> None:

@@ -29,14 +29,13 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import orjson
 import pglast
 from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType, BoolTestType, NullTestType
 
 from . import userfunc
 from .errors import ConfigError
-from .values import RawJson
+from .values import RawJson, dumps, loads_exact
 
 log = logging.getLogger("pgsink.filters")
 
@@ -48,15 +47,19 @@ FIELD_TYPES = ("string", "number", "boolean", "null", "list", "object")
 
 
 def plain(value: Any) -> Any:
-    """A record value for comparisons: numerics exact (Decimal), json documents parsed."""
+    """A record value for comparisons: numerics exact (Decimal), json documents parsed (numbers kept
+    exact); UserFunctionError for a document Python cannot hold, so the change is kept, not lost."""
     if type(value) is RawJson:
         text = value.text
-        if text[:1] in "{[\"tfn":
-            return orjson.loads(text)
         try:
-            return Decimal(text)
-        except InvalidOperation:
-            return orjson.loads(text)
+            if text[:1] in "{[\"tfn":
+                return loads_exact(text)
+            try:
+                return Decimal(text)
+            except InvalidOperation:
+                return loads_exact(text)
+        except ValueError as e:
+            raise userfunc.UserFunctionError(f"a JSON value the filter cannot read: {e}") from None
     return value
 
 
@@ -187,8 +190,8 @@ _CASTS: dict[str, Callable[[Any], Any]] = {
     "numeric": lambda v: Decimal(str(v)), "float4": lambda v: Decimal(str(v)), "float8": lambda v: Decimal(str(v)),
     "text": lambda v: _text(v), "varchar": lambda v: _text(v),
     "bool": lambda v: v if isinstance(v, bool) else {"true": True, "t": True, "false": False, "f": False}[str(v)],
-    "jsonb": lambda v: orjson.loads(v) if isinstance(v, str) else v,
-    "json": lambda v: orjson.loads(v) if isinstance(v, str) else v,
+    "jsonb": lambda v: loads_exact(v) if isinstance(v, str) else v,
+    "json": lambda v: loads_exact(v) if isinstance(v, str) else v,
     "date": lambda v: _text(v)[:10], "timestamptz": lambda v: _text(v), "timestamp": lambda v: _text(v),
 }
 
@@ -205,7 +208,7 @@ def _text(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, dict | list):
-        return orjson.dumps(v).decode()
+        return dumps(v).decode()
     return str(v)
 
 

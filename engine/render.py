@@ -31,6 +31,7 @@ import orjson
 
 from .model import HttpEndpoint, Sink, Source
 from .queue import QueuedMessage
+from .values import dumps
 
 
 def change_idempotency_key(commit_lsn: int, commit_idx: int) -> str:
@@ -65,7 +66,7 @@ class RenderContext:
         consumer = {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}
         database = {"id": str(source.id), "name": source.name, "annotations": source.annotations,
                     "database": source.database, "hostname": source.hostname}
-        return cls(orjson.Fragment(orjson.dumps(consumer)), orjson.Fragment(orjson.dumps(database)),
+        return cls(orjson.Fragment(dumps(consumer)), orjson.Fragment(dumps(database)),
                    source.name, sink.batch)
 
 

@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import psycopg
 
 from . import userfunc
@@ -39,7 +38,7 @@ from .queries import QUERIES
 from .queue import QueuedMessage
 from .render import RenderContext, render_message
 from .userfunc import UserFunctionError
-from .values import dumps
+from .values import dumps, loads_exact
 
 METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
@@ -65,10 +64,19 @@ class Prepared:
     enrichment: dict[int, Any] | None = None  # message id -> metadata.enrichment (None: no enrichment)
 
 
+def _rendered(m: QueuedMessage, ctx: RenderContext) -> dict[str, Any]:
+    """The message as the endpoint would get it, as Python values; UserFunctionError when Python
+    cannot hold its JSON (nested too deeply), so the message fails instead of the worker."""
+    try:
+        return loads_exact(dumps(render_message(m, ctx)).decode())  # type: ignore[no-any-return]
+    except ValueError as e:
+        raise UserFunctionError(f"message {m.id} holds JSON Python cannot read: {e}") from None
+
+
 def _inputs(m: QueuedMessage, ctx: RenderContext, enrichment: Mapping[int, Any] | None = None
             ) -> tuple[str, Any, Any, Any]:
-    """Plain JSON values (action, record, changes, metadata) for user functions."""
-    rendered = orjson.loads(dumps(render_message(m, ctx)))
+    """Plain JSON values (action, record, changes, metadata) for user functions, numbers exact."""
+    rendered = _rendered(m, ctx)
     if enrichment is not None:
         rendered["metadata"]["enrichment"] = enrichment.get(m.id)
     return m.action, rendered["record"], rendered["changes"], rendered["metadata"]
@@ -86,7 +94,7 @@ def path_value(path: str, inputs: tuple[str, Any, Any, Any]) -> Any:
 
 def _check_json(value: Any, what: str) -> Any:
     try:
-        orjson.dumps(value)
+        dumps(value)
     except TypeError as e:
         raise UserFunctionError(f"{what} returned a value that is not JSON: {e}") from None
     return value
@@ -200,8 +208,8 @@ def render_enriched(messages: Sequence[QueuedMessage], enrichment: Mapping[int, 
     if not ctx.batch:
         if len(rendered) != 1:
             raise ValueError(f"a sink with batch off sends one message per request, got {len(rendered)}")
-        return orjson.dumps(rendered[0])
-    return orjson.dumps({"data": rendered})
+        return dumps(rendered[0])
+    return dumps({"data": rendered})
 
 
 def render_transformed(messages: Sequence[QueuedMessage], bodies: Mapping[int, Any], ctx: RenderContext) -> bytes:
@@ -209,8 +217,8 @@ def render_transformed(messages: Sequence[QueuedMessage], bodies: Mapping[int, A
     if not ctx.batch:
         if len(messages) != 1:
             raise ValueError(f"a sink with batch off sends one message per request, got {len(messages)}")
-        return orjson.dumps(bodies[messages[0].id])
-    return orjson.dumps({"data": [bodies[m.id] for m in messages]})
+        return dumps(bodies[messages[0].id])
+    return dumps({"data": [bodies[m.id] for m in messages]})
 
 
 @dataclass
@@ -262,13 +270,13 @@ async def try_sink(dsn: str, name: str, *, limit: int = 10, scan: int = 10_000) 
         try:
             body, route, transformed = (functions.apply(m, ctx, enrichment) if functions
                                         else (None, DEFAULT_ROUTE, False))
+            if not transformed:
+                body = _rendered(m, ctx)
+                if enrichment is not None:
+                    body["metadata"]["enrichment"] = enrichment.get(m.id)
         except UserFunctionError as e:
             out.append(TrialResult(label, True, error=e.describe()))
             continue
-        if not transformed:
-            body = orjson.loads(dumps(render_message(m, ctx)))
-            if enrichment is not None:
-                body["metadata"]["enrichment"] = enrichment.get(m.id)
         out.append(TrialResult(label, True, body, route))
     return out
 

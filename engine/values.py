@@ -34,10 +34,14 @@ reader should start its replication session with
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -90,15 +94,60 @@ class RawJson:
 
 
 def json_default(obj: Any) -> Any:
-    """``orjson`` ``default=`` hook: write :class:`RawJson` as raw JSON."""
+    """``orjson`` ``default=`` hook: :class:`RawJson` and finite Decimals as raw JSON numbers."""
     if type(obj) is RawJson:
         return orjson.Fragment(obj.text)
+    if isinstance(obj, Decimal) and obj.is_finite():
+        return orjson.Fragment(str(obj))
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def dumps(obj: Any, option: int = 0) -> bytes:
-    """``orjson.dumps`` that understands :class:`RawJson` (use it for every record)."""
-    return orjson.dumps(obj, default=json_default, option=option)
+    """``orjson.dumps`` that understands :class:`RawJson` and Decimal (use it for every record), and
+    ints past 64 bits, which orjson refuses (a numeric(30) key, a user's annotation)."""
+    try:
+        return orjson.dumps(obj, default=json_default, option=option)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(_big_ints_raw(obj), default=json_default, option=option)
+
+
+def _big_ints_raw(obj: Any) -> Any:
+    if type(obj) is int and not -(2 ** 63) <= obj < 2 ** 64:
+        return orjson.Fragment(str(obj))
+    if isinstance(obj, dict):
+        return {k: _big_ints_raw(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_big_ints_raw(v) for v in obj]
+    return obj
+
+
+_LONG_NUMBER = re.compile(r"\d{16,}|\d[eE][+-]?\d{3,}")
+
+
+def _exact_float(text: str) -> float | Decimal:
+    f = float(text)
+    if math.isfinite(f) and Decimal(repr(f)) == Decimal(text):
+        return f
+    return Decimal(text)
+
+
+def loads_exact(text: str) -> Any:
+    """JSON text -> Python values without losing a number, for filters and user functions.
+
+    Ints of any size stay ints; a number no float holds exactly (more than ~16
+    digits, beyond ±1e308) becomes a Decimal; other numbers are floats, as
+    orjson gives them (orjson would turn the first into floats and refuse
+    ``1e400``). ValueError when the text is not JSON or nests too deeply.
+    """
+    if not _LONG_NUMBER.search(text):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass  # e.g. deeper than orjson's 1024 levels: the careful parser below decides
+    try:
+        return json.loads(text, parse_float=_exact_float)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
 
 
 # ------------------------------------------------------------ scalar converters

@@ -366,3 +366,18 @@ def test_exported_sink_functions_parse_back_to_the_same_spec() -> None:
     doc = {"databases": [], "http_endpoints": [], "sinks": [exported]}
     text = SINK.split("sinks:")[0] + yaml.safe_dump({"sinks": doc["sinks"]}, sort_keys=False)
     assert cfg.parse_config(text).sinks[0] == d.sinks[0]
+
+
+def test_a_json_document_python_cannot_hold_fails_the_filter_not_the_reader() -> None:
+    """Numbers past a float's reach compare exactly; a document nested too deeply for Python raises
+    UserFunctionError, which capture answers by keeping the change (never a crash, never a drop)."""
+    row = {"doc": RawJson('{"n": 123456789012345678901234567891, "x": 1e400}')}
+    exact = filters.column_filter({"column_name": "doc", "field_path": "n", "operator": ">",
+                                   "comparison_value": 123456789012345678901234567890, "field_type": "number"})
+    assert exact(row)
+    huge = filters.column_filter({"column_name": "doc", "field_path": "x", "operator": ">",
+                                  "comparison_value": 1, "field_type": "number"})
+    assert huge(row)
+    deep = {"doc": RawJson("[" * 5000 + "]" * 5000)}
+    with pytest.raises(userfunc.UserFunctionError, match="cannot read"):
+        filters.column_filter({"column_name": "doc", "operator": "is not null"})(deep)

@@ -188,3 +188,10 @@ def test_request_target_headers_path_and_gzip() -> None:
 ])
 def test_join_url(base: str, path: str, url: str) -> None:
     assert join_url(base, path) == url
+
+
+def test_annotations_with_numbers_past_64_bits_render_exactly() -> None:
+    """A YAML annotation like ``budget: 123456789012345678901234567890`` used to stop every delivery
+    worker at config load (orjson refuses such ints)."""
+    body = render_body([change()], ctx(annotations={"budget": 123456789012345678901234567890}))
+    assert b'"annotations":{"budget":123456789012345678901234567890}' in body

@@ -335,3 +335,21 @@ def test_a_changed_composite_is_rebuilt_with_the_types_that_contain_it() -> None
     r.add_type_rows([(a, "a", "public", "c", "C", 0, 0, ",", ["x", "y"], [23, 25])])
     assert r.convert(a, "(1,z)") == {"x": 1, "y": "z"}
     assert r.convert(a_arr, '{"(1,z)"}') == [{"x": 1, "y": "z"}]
+
+
+def test_loads_exact_keeps_every_number_and_dumps_writes_them_back() -> None:
+    from decimal import Decimal
+
+    from pgsink.engine.values import dumps, loads_exact
+    doc = loads_exact('{"big": 123456789012345678901234567890, "huge": 1e400, "tiny": -1e-400,'
+                      ' "price": 19.99, "scaled": 1.10, "n": 7}')
+    assert doc == {"big": 123456789012345678901234567890, "huge": Decimal("1e400"), "tiny": Decimal("-1e-400"),
+                   "price": 19.99, "scaled": 1.1, "n": 7}
+    assert type(doc["price"]) is float and type(doc["n"]) is int  # the usual types where nothing is lost
+    assert loads_exact(dumps(doc).decode()) == doc
+    assert dumps(doc).startswith(b'{"big":123456789012345678901234567890,"huge":1E+400,"tiny":-1E-400,')
+    assert dumps([[2 ** 64, -(2 ** 63) - 1]]) == b"[[18446744073709551616,-9223372036854775809]]"
+    with pytest.raises(ValueError, match="nested too deeply"):
+        loads_exact("[" * 5000 + "]" * 5000)
+    with pytest.raises(ValueError):
+        loads_exact("{not json")
