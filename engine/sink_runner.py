@@ -279,7 +279,9 @@ class SinkRunner:
         """The next batch of the lane; a short one waits up to batch_timeout_ms to fill."""
         sink = setup.sink
         read = self._reader(setup, lease)
-        messages = prefetched if prefetched is not None else await read(lease.delivered_id, limit)
+        # a batch read ahead with the last ack may predate a reload that lowered batch_size (or
+        # turned batch off): cut it to the sink as it is now; the rest is read again after the cursor
+        messages = prefetched[:limit] if prefetched is not None else await read(lease.delivered_id, limit)
         if not messages or len(messages) >= limit or sink.batch_timeout_ms <= 0:
             return messages
         loop = asyncio.get_running_loop()

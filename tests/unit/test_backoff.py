@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -11,6 +12,7 @@ import pytest
 
 from pgsink.engine.queue import (
     Copy,
+    LaneLease,
     QueuedMessage,
     backoff_delay,
     backoff_floor,
@@ -22,7 +24,7 @@ from pgsink.engine.queue import (
 )
 from pgsink.engine.render import RenderContext
 from pgsink.engine.sink_functions import SinkFunctions
-from pgsink.engine.sink_runner import SinkSetup, _prepare
+from pgsink.engine.sink_runner import SinkRunner, SinkSetup, _prepare
 
 
 def msg(id: int, group: str | None = "g", **kw: Any) -> QueuedMessage:
@@ -148,3 +150,18 @@ def test_functions_run_only_on_what_the_batch_sends(tmp_path: Any) -> None:
     assert prepared is not None and prepared.error is None
     assert [m.id for m in prepared.messages] == [101, 102, 105, 106]
     assert sorted(prepared.bodies) == [102, 106]
+
+
+def test_a_batch_read_ahead_is_cut_to_the_sink_as_reloaded() -> None:
+    """The next batch is read with the last ack; a reload in between may have lowered batch_size or
+    turned batch off (one message per request): only that many go, the rest is read again later."""
+    ctx = RenderContext(orjson.Fragment(b"{}"), orjson.Fragment(b"{}"), "db", False)
+    sink = SimpleNamespace(id=None, batch_size=1, batch_timeout_ms=50, source_id=None)
+    setup = SinkSetup(sink=sink, ctx=ctx, target=None)  # type: ignore[arg-type]
+
+    async def read_ahead() -> list[QueuedMessage]:
+        runner = SinkRunner(None, setup)  # type: ignore[arg-type]
+        lease = LaneLease(None, 0, 0, 0, 100)  # type: ignore[arg-type]
+        return await runner._read_filled(setup, lease, 1, [msg(1), msg(2), msg(3)])
+
+    assert [m.id for m in asyncio.run(read_ahead())] == [1]
