@@ -22,6 +22,7 @@ retrying delivers it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,10 @@ class Route:
 
 
 DEFAULT_ROUTE = Route()
+
+
+BATCH_FUNCTION_SECONDS = 2.0
+"""Time a batch's transforms and routes may take in all before the batch is cut (one message always goes)."""
 
 
 @dataclass
@@ -169,15 +174,21 @@ class SinkFunctions:
         return body, route, transformed
 
     def prepare(self, messages: Sequence[QueuedMessage], ctx: RenderContext,
-                sendable: Callable[[QueuedMessage], bool], enrichment: dict[int, Any] | None = None) -> Prepared:
+                sendable: Callable[[QueuedMessage], bool], enrichment: dict[int, Any] | None = None,
+                budget: float = BATCH_FUNCTION_SECONDS) -> Prepared:
         """The longest head of ``messages`` that shares one route and whose functions succeed.
 
         Messages for which ``sendable`` is false (parked behind their group,
-        pruned) are not given to the functions and never cut the batch.
+        pruned) are not given to the functions and never cut the batch. Once
+        the functions have run ``budget`` seconds the batch is cut there: they
+        run on the event loop, which must get back to renewing leases.
         """
         out = Prepared([], enrichment=enrichment)
         route: Route | None = None
+        deadline = time.monotonic() + budget
         for m in messages:
+            if route is not None and time.monotonic() > deadline:
+                return out
             if not sendable(m):
                 out.messages.append(m)
                 continue

@@ -7,9 +7,12 @@ change on disk, so fixing a function and retrying a parked message uses the fix.
 
 A call that runs longer than its budget is cut off with ``FunctionTimeout``:
 an interval timer (SIGALRM) raises inside the function, which interrupts pure
-Python loops and sleeps alike. Timers work in the main thread only; elsewhere
-the function runs without a budget. Any timer already armed (pytest-timeout
-uses one) is restored afterwards, minus the time spent.
+Python loops and sleeps alike. It is a BaseException, so the user's ``except
+Exception`` does not swallow it, and the timer keeps firing until the call
+ends, so neither does a loop that catches everything. Timers work in the main
+thread only; elsewhere the function runs without a budget. Any timer already
+armed (pytest-timeout uses one) is restored afterwards, minus the time spent.
+A ``sys.exit()`` in user code fails the call instead of ending the worker.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from typing import Any
 from .errors import ConfigError
 
 
-class FunctionTimeout(Exception):
-    """A user function ran past its time budget."""
+class FunctionTimeout(BaseException):
+    """A user function ran past its time budget (not an Exception: user code must not catch it)."""
 
 
 class UserFunctionError(Exception):
@@ -88,6 +91,10 @@ def load(ref: str, role: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
+REARM_SECONDS = 0.05
+"""After the budget, the alarm fires again this often until the call gives up."""
+
+
 def _on_alarm(signum: int, frame: FrameType | None) -> None:
     raise FunctionTimeout()
 
@@ -100,17 +107,20 @@ def call(fn: Callable[..., Any], args: tuple[Any, ...], *, timeout: float, what:
     started = time.monotonic()
     if armed:
         previous_handler = signal.signal(signal.SIGALRM, _on_alarm)
-        previous_timer = signal.setitimer(signal.ITIMER_REAL, timeout)
+        previous_timer = signal.setitimer(signal.ITIMER_REAL, timeout, REARM_SECONDS)
     try:
-        return fn(*args)
+        try:
+            return fn(*args)
+        finally:
+            if armed:  # first thing: an alarm in the cleanup below would escape
+                signal.setitimer(signal.ITIMER_REAL, 0)
     except FunctionTimeout:
         raise UserFunctionError(f"{what} ran longer than {timeout * 1000:.0f} ms and was cut off "
                                 "(function_timeout_ms)", traceback.format_exc(limit=-8)) from None
-    except Exception as e:  # noqa: BLE001 - the user's code: report, never crash the pipeline
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: report, never crash the pipeline
         raise UserFunctionError(f"{what} raised {type(e).__name__}: {e}", traceback.format_exc()) from None
     finally:
         if armed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous_handler)
             if previous_timer[0] > 0:
                 left = previous_timer[0] - (time.monotonic() - started)

@@ -43,3 +43,29 @@ def test_json_nested_too_deeply_fails_the_message() -> None:
     prepared = functions.prepare([msg(1, record="[" * 5000 + "]" * 5000)], CTX, _always)
     assert prepared.error is not None and "nested too deeply" in str(prepared.error)
     assert [m.id for m in prepared.messages] == [1]
+
+
+def _transform(tmp_path: Path, body: str) -> SinkFunctions:
+    hook = tmp_path / "t.py"
+    hook.write_text("import sys, time\n\ndef transform(action, record, changes, metadata):\n" + body)
+    return SinkFunctions("s", None, f"{hook}:transform", None, 0.2)
+
+
+def test_a_transform_cannot_swallow_its_timeout(tmp_path: Path) -> None:
+    functions = _transform(tmp_path, "    try:\n        while True:\n            pass\n"
+                                     "    except Exception:\n        return 'swallowed'\n")
+    prepared = functions.prepare([msg(1)], CTX, _always)
+    assert prepared.error is not None and "ran longer than 200 ms" in str(prepared.error)
+
+
+def test_a_transform_calling_sys_exit_fails_its_message(tmp_path: Path) -> None:
+    prepared = _transform(tmp_path, "    sys.exit(3)\n").prepare([msg(1)], CTX, _always)
+    assert prepared.error is not None and "SystemExit" in str(prepared.error)
+
+
+def test_a_slow_batch_is_cut_once_its_functions_used_their_time(tmp_path: Path) -> None:
+    """Functions run on the event loop: a long batch is cut so that leases get renewed."""
+    functions = _transform(tmp_path, "    time.sleep(0.03)\n    return record\n")
+    prepared = functions.prepare([msg(i, "k" + str(i)) for i in range(1, 11)], CTX, _always, budget=0.05)
+    assert prepared.error is None
+    assert 2 <= len(prepared.messages) < 10 and sorted(prepared.bodies) == [m.id for m in prepared.messages]
