@@ -113,6 +113,7 @@ class DeliveryStage:
         self._fatal: BaseException | None = None
         self._runners: dict[UUID, SinkRunner] = {}
         self._retired: list[SinkRunner] = []
+        self._stale_enrichers: set[Enricher] = set()  # replaced on reload: closed once their batches ended
         self._touched_sinks: set[UUID] = set()
         self._config_dirty: asyncio.Event | None = None
         self._side_tasks: list[asyncio.Task[None]] = []
@@ -315,6 +316,9 @@ class DeliveryStage:
                         version = current
             except TRANSIENT_DB_ERRORS as e:
                 log.warning("cannot read config from the state database (%s); retrying", e)
+            for r in self._retired:
+                if not r.busy() and r.setup.enricher is not None:
+                    await self._close_enricher(r.setup.enricher)
             self._retired = [r for r in self._retired if r.busy()]
             await wait_event(self._config_dirty, jittered(self.poll_interval))
 
@@ -355,7 +359,21 @@ class DeliveryStage:
                 runner.start()
                 log.info("delivering sink %s", setup.sink.name, extra={"sink": setup.sink.name})
             else:
+                old = runner.setup.enricher
+                if old is not None and old is not setup.enricher:
+                    self._retire_enricher(old)
                 runner.setup = setup
+
+    def _retire_enricher(self, enricher: Enricher) -> None:
+        """Close a replaced enricher after two leases: a batch that began with it has ended by then."""
+        self._stale_enrichers.add(enricher)
+        asyncio.get_running_loop().call_later(
+            2 * self.lease_seconds, lambda: self.spawn(self._close_enricher(enricher), "pgsink.deliver.enricher"))
+
+    async def _close_enricher(self, enricher: Enricher) -> None:
+        self._stale_enrichers.discard(enricher)
+        with contextlib.suppress(Exception):  # closing is best effort: the source may be gone
+            await enricher.close()
 
     def _enricher(self, sink: Sink, source: Source) -> Enricher | None:
         """The sink's enricher, kept across reloads while its query and source stay the same."""
@@ -434,7 +452,5 @@ class DeliveryStage:
             await self._session.close()
         if self._public_session is not None:
             await self._public_session.close()
-        for r in runners:
-            if r.setup.enricher is not None:
-                with contextlib.suppress(Exception):
-                    await r.setup.enricher.close()
+        for enricher in {*(r.setup.enricher for r in runners if r.setup.enricher), *self._stale_enrichers}:
+            await self._close_enricher(enricher)

@@ -16,6 +16,7 @@ write; it is validated with pglast when the config is read.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -68,28 +69,38 @@ def check_sql(text: str) -> None:
                           f"parameter; found {', '.join(f'${n}' for n in sorted(params.numbers)) or 'none'}")
 
 
+ENRICHMENT_TIMEOUT_MS = 10_000
+"""statement_timeout of enrichment queries: a query stuck on a lock fails its batch's attempt."""
+
+
 class Enricher:
     """Runs a sink's enrichment query against its source; one connection, reopened when lost."""
 
-    def __init__(self, source: Source, sql: str) -> None:
+    def __init__(self, source: Source, sql: str, timeout_ms: int = ENRICHMENT_TIMEOUT_MS) -> None:
         self.source = source
         self.sql = sql
+        self.timeout_ms = timeout_ms
         self._query = f"select row_to_json(pgsink_e)::text from ({sql}) pgsink_e"
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._connecting = asyncio.Lock()  # lanes call at once: one connection, not one each
 
     async def fetch(self, keys: Sequence[str]) -> dict[str, Any]:
         """record_pk -> enrichment row (JSON value). Raises psycopg/PgsinkError on trouble."""
         if not keys:
             return {}
-        if self._conn is None or self._conn.closed:
-            self._conn = await connect(self.source.dsn(options="-c default_transaction_read_only=on"),
-                                       autocommit=True)
+        async with self._connecting:
+            if self._conn is None or self._conn.closed:
+                self._conn = await connect(self.source.dsn(
+                    options=f"-c default_transaction_read_only=on -c statement_timeout={self.timeout_ms}"),
+                    autocommit=True)
+            conn = self._conn
         try:
-            async with psycopg.AsyncRawCursor(self._conn) as cur:
+            async with psycopg.AsyncRawCursor(conn) as cur:
                 await cur.execute(self._query, [list(keys)])
                 rows = await cur.fetchall()
-        except psycopg.OperationalError:
-            await self.close()
+        except psycopg.OperationalError:  # lost, or cut off by statement_timeout: start afresh
+            if self._conn is conn:
+                await self.close()
             raise
         out: dict[str, Any] = {}
         for (text,) in rows:

@@ -139,3 +139,62 @@ async def test_sink_test_shows_the_enrichment(fresh_db: str, aconn: psycopg.Asyn
     await aconn.execute("drop table customers")
     with pytest.raises(ConfigError, match="enrichment query failed"):
         await try_sink(fresh_db, "tried")
+
+
+async def test_an_enrichment_query_stuck_on_a_lock_is_cut_off_and_lanes_share_one_connection(
+        fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    import asyncio
+
+    from pgsink.engine.model import load_config
+
+    await aconn.execute("create table orders (id int primary key, customer_id int)")
+    await aconn.execute("insert into orders values (1, 10)")
+    source_id = await add_source(aconn, fresh_db, create=False)
+    source = (await load_config(aconn)).sources[source_id]
+    enricher = Enricher(source, "select id, customer_id from orders where id = any($1::int[])", timeout_ms=300)
+    try:
+        rows = await asyncio.gather(*(enricher.fetch(["1"]) for _ in range(4)))
+        assert all(r == {"1": {"id": 1, "customer_id": 10}} for r in rows)
+        assert await scalar(aconn, "select count(*) from pg_stat_activity where query like %s",
+                            "%row_to_json(pgsink_e)%") == 1
+        locker = await psycopg.AsyncConnection.connect(fresh_db)
+        try:
+            await locker.execute("lock table orders in access exclusive mode")
+            with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+                await asyncio.wait_for(enricher.fetch(["1"]), 30)
+        finally:
+            await locker.close()
+        assert await enricher.fetch(["1"]) == {"1": {"id": 1, "customer_id": 10}}  # a new connection
+    finally:
+        await enricher.close()
+
+
+async def test_an_enrichment_replaced_on_reload_closes_its_connection(
+        fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    await aconn.execute("create table orders (id int primary key, customer_id int)")
+    await aconn.execute("insert into orders values (1, 10), (2, 20)")
+    rcv = await start_receiver()
+    old_sql = "select id, customer_id from orders where id = any($1::int[])"
+
+    async def sessions(marker: str) -> int:
+        return int(await scalar(aconn, "select count(*) from pg_stat_activity where query like %s",
+                                f"%{marker}%"))
+    try:
+        source_id = await add_source(aconn, fresh_db, create=False)
+        sink_id = await add_sink(aconn, source_id, name="swapped", url=rcv.url, lane_count=1, enrichment_sql=old_sql)
+        await enqueue_changes(aconn, sink_id, [Row({"id": 1}, "1")])
+        async with running(stage_for(fresh_db, lease_seconds=1.0)):
+            await wait_for(lambda: _failed(aconn, sink_id), what="the first batch")
+            assert await sessions("customer_id from orders") == 1
+            await aconn.execute("update pgsink.sinks set enrichment_sql = %s where id = %s",
+                                ("select id, customer_id as c from orders where id = any($1::int[])", sink_id))
+            await aconn.execute("select pg_notify('pgsink_config', '')")
+            await enqueue_changes(aconn, sink_id, [Row({"id": 2}, "2")])
+            await wait_for(lambda: sessions("customer_id as c"), what="the new enrichment query")
+            await wait_for(lambda: _none(sessions("customer_id from orders")), what="the old connection closed")
+    finally:
+        await rcv.close()
+
+
+async def _none(count: Any) -> bool:
+    return await count == 0
