@@ -49,13 +49,18 @@ def blocked_reason(address: str) -> str | None:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):  # an IPv4 address inside an IPv6 one is judged as itself
+        inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if inner is not None:
+            reason = blocked_reason(str(inner))
+            return f"{ip} carries {inner}: {reason}" if reason else None
     for attr, what in (("is_unspecified", "unspecified"), ("is_loopback", "loopback"),
                        ("is_link_local", "link-local"), ("is_multicast", "multicast"),
-                       ("is_private", "private"), ("is_reserved", "reserved")):
-        if getattr(ip, attr):
+                       ("is_private", "private"), ("is_reserved", "reserved"), ("is_site_local", "site-local")):
+        if getattr(ip, attr, False):  # is_site_local: IPv6 only
             return f"{ip} is a {what} address"
+    if not ip.is_global:  # shared (100.64/10, cloud metadata such as 100.100.100.200), site-local, ...
+        return f"{ip} is not a public address"
     return None
 
 

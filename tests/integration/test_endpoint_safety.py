@@ -189,6 +189,9 @@ async def _at_least(conn: psycopg.AsyncConnection, sink_id: Any, n: int) -> bool
     ("127.0.0.1", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"), ("10.1.2.3", "private"),
     ("172.16.0.1", "private"), ("192.168.1.1", "private"), ("169.254.169.254", "link-local"),
     ("fe80::1", "link-local"), ("fc00::1", "private"), ("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"),
+    ("100.100.100.200", "not a public address"), ("100.64.0.1", "not a public address"),
+    ("fec0::1", "site-local"), ("2002:a9fe:a9fe::", "carries 169.254.169.254"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "carries 192.0.2.45"),
 ])
 def test_blocked_addresses(address: str, reason: str) -> None:
     assert reason in (safety.blocked_reason(address) or "")
