@@ -336,9 +336,17 @@ class DeliveryStage:
                 continue
             endpoint = config.endpoints[sink.http_endpoint_id]
             source = config.sources[sink.source_id]
-            wanted[sink.id] = SinkSetup(sink, RenderContext.for_sink(sink, source),
-                                         RequestTarget.for_sink(sink, endpoint), endpoint,
-                                         SinkFunctions.for_sink(sink), self._enricher(sink, source))
+            try:
+                wanted[sink.id] = SinkSetup(sink, RenderContext.for_sink(sink, source),
+                                             RequestTarget.for_sink(sink, endpoint), endpoint,
+                                             SinkFunctions.for_sink(sink), self._enricher(sink, source))
+            except Exception as e:  # noqa: BLE001 - one sink's odd config must not stop every sink
+                runner = self._runners.get(sink.id)
+                log.error("sink %s: cannot use its config (%s: %s); %s", sink.name, type(e).__name__, e,
+                          "it keeps its previous one" if runner else "it is not delivered until this is fixed",
+                          extra={"sink": sink.name})
+                if runner is not None:
+                    wanted[sink.id] = runner.setup
         for name in (self.sink_filter or set()) - seen - self._warned_missing:
             log.warning("sink %r is not configured; nothing to deliver for it", name)
             self._warned_missing.add(name)

@@ -553,3 +553,26 @@ async def test_stop_after_the_grace_period_abandons_and_releases(
     await asyncio.wait_for(task, 20)
     lane = await (await aconn.execute("select lease_owner, in_flight, delivered_id from pgsink.lanes")).fetchone()
     assert lane == (None, 0, 0)  # free for the next worker at once, nothing acknowledged
+
+
+async def test_a_sink_whose_config_cannot_be_used_leaves_the_others_flowing(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building one sink's setup raising (a value nothing can render, a future bug) used to stop the
+    whole delivery stage on every start."""
+    from pgsink.engine import deliver
+
+    real = deliver.RenderContext.for_sink
+
+    def for_sink(sink: Any, source: Any) -> Any:
+        if sink.name == "broken":
+            raise ValueError("cannot render this sink's metadata")
+        return real(sink, source)
+
+    monkeypatch.setattr(deliver.RenderContext, "for_sink", for_sink)
+    good = await create_sink(aconn, receiver.url, name="good", lane_count=1)
+    broken = await create_sink(aconn, receiver.url, name="broken", lane_count=1)
+    await enqueue_changes(aconn, broken.sink_id, seq_rows(["b"], 1))
+    await enqueue_changes(aconn, good.sink_id, seq_rows(["g"], 1))
+    async with running(stage_for(fresh_db)):
+        await receiver.wait_until(lambda: len(receiver.delivered()) == 1)
+    assert await scalar(aconn, "select count(*) from pgsink.attempts where sink_id = %s", broken.sink_id) == 0
