@@ -16,6 +16,7 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -66,6 +67,11 @@ def stop_task(task: asyncio.Task[None]) -> None:
     query being cancelled on the server, a connection going back to the pool)."""
     if not task.done() and not task.cancelling():
         task.cancel()
+
+
+def _internal_error(e: Exception) -> q.Attempt:
+    """A failed attempt standing for a bug of ours, for the attempt log and the lane's last_error."""
+    return q.Attempt([], datetime.now(UTC), 0, None, None, f"internal error: {type(e).__name__}: {e}", False)
 
 
 async def _prepare(setup: SinkSetup, messages: list[q.QueuedMessage]) -> Prepared | None:
@@ -205,9 +211,9 @@ class SinkRunner:
                         self._lane_work(lease), f"pgsink.deliver.{sink.name}.lane{lease.lane}")
             await wait_event(self.lane_wake, jittered(self.stage.poll_interval))
 
-    async def _quietly(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    async def _quietly(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> None:
         try:
-            await self.stage.with_conn(fn, *args)
+            await self.stage.with_conn(fn, *args, **kwargs)
         except TRANSIENT_DB_ERRORS as e:
             log.warning("sink %s: %s failed (%s); the lease will expire", self.setup.sink.name, fn.__name__, e)
 
@@ -229,6 +235,14 @@ class SinkRunner:
         except TRANSIENT_DB_ERRORS as e:
             log.warning("sink %s lane %d: state database error (%s); the batch will be retried",
                         self.setup.sink.name, lease.lane, e)
+        except Exception as e:  # noqa: BLE001 - a bug costs this lane a back-off, not every sink an outage
+            log.exception("sink %s lane %d: unexpected error; the lane backs off and retries",
+                          self.setup.sink.name, lease.lane, extra={"sink": self.setup.sink.name})
+            if current is not None:
+                delay = q.backoff_delay(current.failures + 1, self.stage.backoff_base, self.stage.backoff_cap)
+                await self._quietly(q.fail_lane, current, self.stage.owner, delay=delay, in_flight=0,
+                                    attempt=_internal_error(e))
+                self._wake_later(self.lane_wake, delay)
         finally:
             _forget(self.lane_tasks, lease.lane)
             self.lane_wake.set()
@@ -402,6 +416,13 @@ class SinkRunner:
         except TRANSIENT_DB_ERRORS as e:
             log.warning("sink %s parked group %r: state database error (%s); will retry",
                         sink.name, lease.group_key, e)
+        except Exception as e:  # noqa: BLE001 - as for lanes: this group backs off, the rest flows
+            log.exception("sink %s parked group %r: unexpected error; the group backs off and retries",
+                          sink.name, lease.group_key, extra={"sink": sink.name})
+            delay = q.backoff_delay(lease.attempts + 1, stage.backoff_base, stage.backoff_cap)
+            await self._quietly(q.fail_parked, lease, stage.owner, _internal_error(e), delay=delay,
+                                in_flight=lease.reserved, max_retry_count=None, moved_on=False)
+            self._wake_later(self.group_wake, delay)
         finally:
             _forget(self.group_tasks, lease.group_key)
             self.group_wake.set()

@@ -576,3 +576,44 @@ async def test_a_sink_whose_config_cannot_be_used_leaves_the_others_flowing(
     async with running(stage_for(fresh_db)):
         await receiver.wait_until(lambda: len(receiver.delivered()) == 1)
     assert await scalar(aconn, "select count(*) from pgsink.attempts where sink_id = %s", broken.sink_id) == 0
+
+
+async def test_an_unexpected_error_backs_one_lane_off_and_the_stage_goes_on(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug of ours hit by one sink's batch is an internal-error attempt and a back-off for that lane
+    (visible in attempts and lanes.last_error); it used to stop the stage and every sink with it."""
+    from pgsink.engine import sink_runner
+
+    real = sink_runner._prepare
+
+    async def prepare(setup: Any, messages: Any) -> Any:
+        if setup.sink.name == "broken":
+            raise RuntimeError("a bug")
+        return await real(setup, messages)
+
+    monkeypatch.setattr(sink_runner, "_prepare", prepare)
+    good = await create_sink(aconn, receiver.url, name="good", lane_count=1)
+    broken = await create_sink(aconn, receiver.url, name="broken", lane_count=1)
+    await enqueue_changes(aconn, broken.sink_id, seq_rows(["b"], 1))
+    await enqueue_changes(aconn, good.sink_id, seq_rows(["g"], 1))
+    # and a parked group of the broken sink, which its retrier takes on its own
+    await aconn.execute("insert into pgsink.parked_groups (sink_id, group_key, lane) values (%s, 'p', 0)",
+                        (broken.sink_id,))
+    await aconn.execute(
+        "insert into pgsink.parked_messages (sink_id, id, lane, group_key, action, commit_lsn, commit_idx,"
+        " committed_at, payload) values (%s, 0, 0, 'p', 'read', 0, 0, now(), %s)",
+        (broken.sink_id, '{"backfill_id": "b", "table_schema": "public", "table_name": "t", "record_pk": "1",'
+                         ' "record": {"id": 1}}'))
+
+    async def failed_twice() -> bool:
+        return bool(await scalar(
+            aconn, "select count(*) filter (where group_key is null) >= 2 and count(*) filter (where group_key = 'p')"
+                   " >= 2 from pgsink.attempts where sink_id = %s and error = 'internal error: RuntimeError: a bug'",
+            broken.sink_id))
+    async with running(stage_for(fresh_db)):
+        await wait_for(failed_twice, what="two internal-error attempts of the broken sink")
+        await enqueue_changes(aconn, good.sink_id, seq_rows(["g"], 1))
+        await receiver.wait_until(lambda: len(receiver.delivered()) == 2)
+    assert await scalar(aconn, "select last_error from pgsink.lanes where sink_id = %s",
+                        broken.sink_id) == "internal error: RuntimeError: a bug"
+    assert await scalar(aconn, "select attempts from pgsink.parked_messages where id = 0") == 0  # not its fault
