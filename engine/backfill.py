@@ -353,8 +353,8 @@ class BackfillStage:
             record = json.loads(change.record or "null", parse_float=RawJson)
             changes = json.loads(change.changes, parse_float=RawJson) if change.changes else None
             return bool(self._predicate(change.action, record, changes, metadata))
-        except (UserFunctionError, ValueError):
-            return True  # as capture: a change its filter could not judge was queued
+        except Exception:  # noqa: BLE001 - as capture: a change its filter could not judge was queued
+            return True
 
     def _filter_metadata(self, job: Job, commit_timestamp: str | None, commit_lsn: int, commit_idx: int,
                          annotations: Any) -> dict[str, Any]:
@@ -371,9 +371,10 @@ class BackfillStage:
         metadata = self._filter_metadata(job, read_at.isoformat(), 0, 0, None)
         try:
             return bool(self._predicate("read", record, None, metadata))
-        except UserFunctionError as e:
+        except Exception as e:  # noqa: BLE001 - as capture: a filter that cannot judge keeps the row
+            why = e.describe() if isinstance(e, UserFunctionError) else f"{type(e).__name__}: {e}"
             log.warning("sink %s: filter failed on a read of %s.%s, the row is sent anyway: %s", self._sink.name,
-                        job.schema, job.table, e.describe())
+                        job.schema, job.table, why)
             return True
 
     async def _enqueue(self, state: psycopg.AsyncConnection, job: Job, page: Page, table_oid: int,

@@ -358,9 +358,10 @@ class SourceReader:
                     "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
         try:
             return predicate(change.action, change.record, change.changes, metadata)
-        except UserFunctionError as e:
+        except Exception as e:  # noqa: BLE001 - a filter that cannot judge keeps the change; it never stops capture
+            why = e.describe() if isinstance(e, UserFunctionError) else f"{type(e).__name__}: {e}"
             log.warning("sink %s: filter failed on %s.%s at %d/%d, the change is queued anyway: %s", sink.name,
-                        change.schema, change.table, tx.commit_lsn, idx, e.describe(), extra=self._log_extra)
+                        change.schema, change.table, tx.commit_lsn, idx, why, extra=self._log_extra)
             return True
 
     def _compile_filters(self) -> None:

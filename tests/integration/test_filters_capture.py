@@ -104,3 +104,27 @@ async def _is_known(conn: psycopg.AsyncConnection, sink_id: UUID, pk: str) -> in
     """0 while row ``pk`` is not retained; 2 when it was queued for the sink, 1 when filtered out."""
     state = await _queued_pk(conn, sink_id, pk)
     return 0 if state is None else 2 if state else 1
+
+
+async def test_a_column_filter_that_raises_unexpectedly_keeps_the_change_and_capture_goes_on(
+        aconn: psycopg.AsyncConnection, fresh_db: str, monkeypatch: Any) -> None:
+    """Not only a user function: any error while judging a change keeps it (it used to stop the reader)."""
+    from pgsink.engine import filters
+
+    real = filters.plain
+
+    def plain(value: Any) -> Any:
+        if value == 3:
+            raise ArithmeticError("a bug in a comparison")
+        return real(value)
+
+    monkeypatch.setattr(filters, "plain", plain)
+    await aconn.execute("create table orders (id int primary key)")
+    source_id = await add_source(aconn, fresh_db)
+    sink_id = await add_sink(aconn, source_id, name="col", filters=orjson.dumps(
+        [{"column_name": "id", "operator": "=", "comparison_value": 2}]).decode())
+    source = await _source(aconn, source_id)
+    async with running_reader(fresh_db, source):
+        await aconn.execute("insert into orders values (1), (2), (3), (4)")
+        await wait_for(lambda: _count(aconn, 4), what="4 changes")
+    assert await _queued(aconn, sink_id) == [("insert", "2"), ("insert", "3")]
