@@ -43,9 +43,14 @@ def redact(dsn: str) -> str:
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
+def _without(text: str, dsn: str) -> str:
+    """``text`` with the connection string (and so its password) cut out."""
+    return text.replace(dsn, "<the connection string>") if dsn else text
+
+
 def explain_connect_error(dsn: str, err: Exception) -> PgsinkError:
     """Turn a driver connection error into one that says what to check."""
-    text = str(err).strip()
+    text = _without(str(err).strip(), dsn)
     hint = "Check the host, port, user, password and database name"
     if "password authentication failed" in text:
         hint = "The password was refused: check the user and password"
@@ -62,8 +67,9 @@ async def connect(dsn: str, **kwargs: object) -> psycopg.AsyncConnection:
         return await psycopg.AsyncConnection.connect(dsn, connect_timeout=10, **kwargs)  # type: ignore[arg-type]
     except psycopg.OperationalError as e:
         raise explain_connect_error(dsn, e) from e
-    except psycopg.ProgrammingError as e:
-        raise PgsinkError(f"Invalid connection string {redact(dsn)!r}: {e}") from e
+    except psycopg.ProgrammingError as e:  # libpq quotes the string back, password and all: say it in our words
+        raise PgsinkError(f"Invalid connection string {redact(dsn)}: {_without(str(e), dsn)}\nUse a URL such as "
+                          "postgresql://user:password@host:5432/dbname, or key=value pairs.") from None
 
 
 @asynccontextmanager

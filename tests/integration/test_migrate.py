@@ -64,6 +64,13 @@ def test_wrong_dsn_is_an_actionable_error() -> None:
     assert "secretpw" not in res.stderr + res.stdout
 
 
+def test_a_malformed_dsn_is_refused_without_echoing_its_password() -> None:
+    res = _pgsink("migrate", "--database-url", "postgres//app:S3CRET@db.example.com/app")  # "://" mistyped
+    assert res.returncode == 1
+    assert "Invalid connection string" in res.stderr and "postgresql://user:password@host" in res.stderr
+    assert "S3CRET" not in res.stderr + res.stdout
+
+
 def test_missing_database_url_says_how_to_give_one() -> None:
     env = {k: v for k, v in os.environ.items() if k != "PGSINK_DATABASE_URL"}
     res = subprocess.run([sys.executable, "-m", "pgsink.cli", "migrate"], capture_output=True, text=True, env=env)
