@@ -62,6 +62,7 @@ def start(
         console.print(f"backfill {bid} of {escape(t)} for sink {escape(sink)} started", highlight=False)
     if wait:
         _watch(url, ids)
+        _exit_unless_completed(url, ids)
 
 
 @backfill_app.command("list")
@@ -121,6 +122,16 @@ def _num(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.1f}"
     return str(v)
+
+
+def _exit_unless_completed(url: str, ids: list[uuid.UUID]) -> None:
+    """After --wait: exit 1, saying why, when a backfill failed or was cancelled (scripts rely on it)."""
+    bad = [r for bid in ids for r in run(bf.progress(url, bid)) if r["state"] != "completed"]
+    for r in bad:
+        err_console.print(f"[bold red]error:[/] backfill {r['id']} of {escape(r['table'])} {r['state']}"
+                          + (f": {escape(r['error'])}" if r["error"] else ""), highlight=False)
+    if bad:
+        raise typer.Exit(1)
 
 
 def _watch(url: str, ids: list[uuid.UUID], interval: float = 0.5) -> None:

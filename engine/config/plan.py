@@ -163,7 +163,10 @@ def make_plan(desired: Desired, current: Config, *, prune: bool = False) -> Plan
                 f"{where}: lane_count cannot change ({old_sink.lane_count} -> {k.lane_count}): a group's "
                 "lane is a hash modulo the lane count, so changing it would split groups across lanes "
                 "and break their order. Keep it, or remove the sink and create it again.")
-    if prune:
+    if prune and not (desired.sources or desired.endpoints or desired.sinks):
+        problems.append(f"{desired.filename}: declares nothing, and --prune would delete every source, endpoint "
+                        "and sink; to remove objects, remove them one by one (pgsink sink remove ...)")
+    elif prune:
         changes += _prune(desired, now, problems)
     if problems:
         raise ConfigError("\n".join(problems))

@@ -45,3 +45,27 @@ async def test_backfill_cli_flow(fresh_db: str, aconn: psycopg.AsyncConnection) 
     assert "not a backfill id" in pgsink(fresh_db, "backfill", "show", "nope", code=2)
     assert "no backfill" in pgsink(fresh_db, "backfill", "show", str(uuid.uuid4()), code=1)
     assert "does not exist" in pgsink(fresh_db, "backfill", "start", "--sink", "nope", "--table", "items", code=1)
+
+
+async def test_backfill_start_wait_exits_1_and_says_why_when_the_backfill_fails(
+        fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    import os
+    import sys
+
+    await aconn.execute("create table items (id int primary key, n int)")
+    source_id = await add_source(aconn, fresh_db, create=False, slot="unused")
+    await add_sink(aconn, source_id, name="orders")
+    stage = BackfillStage(fresh_db, worker_id="cli", poll_interval=0.1)
+    task = asyncio.create_task(stage.run())
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pgsink.cli", "backfill", "start", "--sink", "orders", "--table", "items",
+            "--sort-column", "no_such_column", "--start-position", "1", "--wait", "--database-url", fresh_db,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "200"})
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        stage.stop()
+        await asyncio.wait_for(task, 30)
+    assert await scalar(aconn, "select state from pgsink.backfills") == "failed"
+    assert proc.returncode == 1, (out + err).decode()
+    assert "failed" in err.decode() and "no_such_column" in err.decode()

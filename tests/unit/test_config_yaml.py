@@ -290,11 +290,19 @@ def test_plan_refuses_lane_count_change_and_unknown_references() -> None:
 
 def test_prune_deletes_absent_objects_but_not_used_ones() -> None:
     config = _config()
-    plan = cfg.make_plan(cfg.Desired(), config, prune=True)
-    assert [c.title() for c in plan.changes] == ["- delete sink k", "- delete endpoint hook", "- delete source db"]
+    only_source = cfg.Desired(sources=cfg.current_specs(config).sources)
+    plan = cfg.make_plan(only_source, config, prune=True)
+    assert [c.title() for c in plan.changes] == ["- delete sink k", "- delete endpoint hook"]
     kept_sink = cfg.current_specs(config).sinks
     with pytest.raises(ConfigError, match="cannot prune endpoint 'hook': sinks k still use it"):
         cfg.make_plan(cfg.Desired(sinks=kept_sink), config, prune=True)
+
+
+def test_prune_refuses_a_file_that_declares_nothing() -> None:
+    """An empty file (or an empty pipe, or only comments) with --prune would delete everything."""
+    with pytest.raises(ConfigError, match="declares nothing, and --prune would delete every source"):
+        cfg.make_plan(cfg.parse_config("# nothing yet\n", filename="sequin.yaml"), _config(), prune=True)
+    assert not cfg.make_plan(cfg.parse_config("", filename="sequin.yaml"), _config()).changes  # without prune: fine
 
 
 def test_cli_options_go_through_the_same_validation() -> None:
