@@ -111,7 +111,10 @@ class MaintenanceStage:
         retention = (await cur.fetchone())[0]  # type: ignore[index]
         if retention is None:
             return [], []
-        horizon = now - max(retention, timedelta(0)) - self.grace
+        keep = max(retention, timedelta(0)) + self.grace
+        if keep > now - datetime(2000, 1, 1, tzinfo=UTC):  # set by hand past any partition's age: keep all
+            return [], []
+        horizon = now - keep
         dropped, kept = [], []
         for name in await self._partitions(conn, "pgsink.changes"):
             m = _CHANGES_PART.match(name)

@@ -144,14 +144,22 @@ _RETENTION_PART = re.compile(
 _UNIT_SECONDS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
+MAX_RETENTION_SECONDS = 100 * 365 * 86400
+"""A century: past it a retention period overflows dates (and means "forever" anyway)."""
+
+
 def parse_retention(value: object) -> int:
-    """'7 days', '36 hours', '1 day 12 hours', '90m' or a number of seconds -> seconds."""
+    """'7 days', '36 hours', '1 day 12 hours', '90m' or a number of seconds -> seconds.
+
+    0 keeps only what pending and parked deliveries still need."""
     if isinstance(value, bool):
         raise ValueError("is a boolean")
     if isinstance(value, int):
         seconds = value
     else:
         text = str(value).strip().lower()
+        if text.isdigit():  # seconds, as from the command line
+            return parse_retention(int(text))
         if re.search(r"\b(mon|months?|years?|y)\b", text):
             raise ValueError("months and years vary in length: give it in days (e.g. '30 days')")
         parts = list(_RETENTION_PART.finditer(text))
@@ -163,8 +171,10 @@ def parse_retention(value: object) -> int:
             unit = p.group(2)
             key = "m" if unit.startswith("mi") or unit == "m" else unit[0]
             seconds += int(p.group(1)) * _UNIT_SECONDS[key]
-    if seconds <= 0:
-        raise ValueError("must be longer than zero")
+    if seconds < 0:
+        raise ValueError("cannot be negative")
+    if seconds > MAX_RETENTION_SECONDS:
+        raise ValueError(f"is longer than {MAX_RETENTION_SECONDS // 86400} days: give a shorter period")
     return seconds
 
 

@@ -88,6 +88,11 @@ async def test_retention_follows_the_longest_source_and_grace(
     assert (await MaintenanceStage(fresh_db).run_once()).changes_dropped == [day(d3)]
     # the retained log is still queryable and replay finds nothing there
     assert await scalar(aconn, "select pgsink.replay('orders_webhook', %s)", d3 - timedelta(days=1)) == 0
+    # a retention set by hand past what dates hold keeps everything, and the pass still runs
+    await enqueue_changes(aconn, refs.sink_id, [Row({"id": 2}, "2")], committed_at=d3)
+    await aconn.execute("update pgsink.sources set retention = interval '1000000 days'")
+    report = await MaintenanceStage(fresh_db).run_once()
+    assert report.ran and report.changes_dropped == []
 
 
 async def test_message_partitions_go_when_every_message_is_behind_its_cursor(

@@ -225,11 +225,19 @@ def test_local_and_webhook_site_endpoints_are_refused() -> None:
 
 @pytest.mark.parametrize(("text", "seconds"), [
     ("7 days", 604800), ("36 hours", 129600), ("1 day 12 hours", 129600), ("90m", 5400), (3600, 3600),
-    ("2 weeks", 1209600), ("45 seconds", 45),
+    ("2 weeks", 1209600), ("45 seconds", 45), (0, 0), ("0", 0), ("0 days", 0), ("36500 days", 3153600000),
 ])
 def test_retention_round_trip(text: object, seconds: int) -> None:
     assert cfg.parse_retention(text) == seconds
     assert cfg.parse_retention(cfg.format_retention(seconds)) == seconds
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("36501 days", "longer than 36500 days"), ("9999999999 days", "longer than 36500 days"), (-1, "negative"),
+])
+def test_retention_out_of_range_is_refused(text: object, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        cfg.parse_retention(text)
 
 
 def _config() -> Config:
