@@ -181,8 +181,9 @@ class SourceReader:
             options = {**WAL2JSON_OPTIONS, "filter-tables": f"{STATE_SCHEMA}.*"}
         else:
             decoder = PgoutputDecoder(types)
-            options = {"proto_version": "1", "publication_names": self.source.publication_name,
-                       "messages": "true"}
+            # a list of identifiers, which pgoutput folds to lower case unless quoted
+            quoted = '"' + self.source.publication_name.replace('"', '""') + '"'
+            options = {"proto_version": "1", "publication_names": quoted, "messages": "true"}
         stream = await ReplicationStream.open(
             self.source.dsn(options=SESSION_OPTIONS), self.source.slot_name, ack_lsn, options,
             description=f"source {self.source.name!r}",

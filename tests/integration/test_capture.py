@@ -302,3 +302,15 @@ async def test_pgoutput_and_wal2json_capture_identically(aconn: psycopg.AsyncCon
     # wal2json 2.5 prints numeric NaN as null: compare the rest exactly
     assert [r for r in via_pgoutput if r[3] != "2"] == [r for r in via_wal2json if r[3] != "2"]
     assert [r[:4] for r in via_pgoutput] == [r[:4] for r in via_wal2json]
+
+
+async def test_a_publication_name_with_capitals_streams(aconn: psycopg.AsyncConnection, fresh_db: str) -> None:
+    """Created as "MyPub" (quoted); pgoutput folded the unquoted name to mypub and the reader retried forever."""
+    await aconn.execute("create table shouty (id int primary key)")
+    source_id = await add_source(aconn, fresh_db, publication="MyPub")
+    await add_sink(aconn, source_id, name="s")
+    source = await _source(aconn, source_id)
+    async with running_reader(fresh_db, source):
+        await aconn.execute("insert into shouty values (1)")
+        await wait_for(lambda: changes_count(aconn, 1), what="the change")
+    assert await fetchval(aconn, "select pubname from pg_publication") == "MyPub"
