@@ -39,9 +39,11 @@ def _read_file(path: str) -> tuple[str, str]:
     if path == "-":
         return sys.stdin.read(), "<stdin>"
     try:
-        return Path(path).read_text(), path
+        return Path(path).read_text(encoding="utf-8"), path
     except OSError as e:
         raise ConfigError(f"Cannot read {path}: {e.strerror}.") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"Cannot read {path}: not UTF-8 text (byte {e.start}).") from None
 
 
 def _print_plan(plan: cfg.Plan) -> None:
@@ -102,6 +104,11 @@ def config_export(
     text = run_config(cfg.export_config(dsn(database_url)))
     if output is None:
         sys.stdout.write(text)
-    else:
-        output.write_text(text)
-        err_console.print(f"Wrote {escape(str(output))}.", highlight=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        err_console.print(f"[bold red]error:[/] cannot write {escape(str(output))}: {escape(e.strerror or str(e))}",
+                          highlight=False)
+        raise typer.Exit(1) from None
+    err_console.print(f"Wrote {escape(str(output))}.", highlight=False)

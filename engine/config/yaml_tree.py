@@ -184,6 +184,8 @@ class _Builder:
     def _scalar(self, node: yaml.ScalarNode, line: int) -> _Scalar:
         problems: list[str] = []
         text = substitute(node.value, self.env, problems.append)
+        if "\x00" in text:  # YAML allows "\0"; Postgres text does not, and apply would fail mid-way
+            problems.append("contains a NUL character (\\0), which Postgres cannot store")
         for msg in problems:
             self.report.error(line, msg)
         implicit = node.style is None and node.tag == _CONSTRUCTOR.resolve(

@@ -174,6 +174,11 @@ def test_cli_yaml_apply_and_errors(cli: Cli, tmp_path: Path) -> None:
                                                '      type: "sqs"\n      queue_url: "https://sqs.example/q"\n      http_endpoint_path'))
     out = cli("config", "apply", str(bad), env=env, code=1)
     assert "sink type 'sqs' is not supported" in out and f"{bad}:68:" in out
+    bad.write_bytes(b"databases:\n  - name: caf\xe9\n")  # Latin-1, not UTF-8
+    out = cli("config", "plan", str(bad), code=1)
+    assert "not UTF-8 text" in out and "Traceback" not in out
+    out = cli("config", "export", "-o", str(tmp_path / "no" / "such" / "dir.yaml"), code=1)
+    assert "cannot write" in out and "No such file or directory" in out and "Traceback" not in out
 
     everything = "\n".join(cli.outputs)
     assert password not in everything and token not in everything

@@ -320,3 +320,10 @@ def test_cli_options_go_through_the_same_validation() -> None:
     with pytest.raises(ConfigError, match="command line: sink 'k': lane_count: must be between 1 and 1024"):
         cfg.sink_from_options({"name": "k", "database": "db", "lane_count": 0,
                                "destination": {"type": "webhook", "http_endpoint": "hook"}})
+
+
+
+def test_a_nul_character_is_refused_at_its_line() -> None:
+    """YAML can spell one ("\\0"); Postgres text cannot hold it, so apply failed half-way with a DataError."""
+    msg = error_of(MINIMAL.replace("    database: app\n", '    database: "a\\0pp"\n'))
+    assert "sequin.yaml:4: contains a NUL character" in msg
