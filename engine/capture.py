@@ -167,12 +167,31 @@ class SourceReader:
 
     async def _stream(self, state: psycopg.AsyncConnection) -> None:
         await ensure_slot_and_publication(self.source)
+        stream = await ReplicationStream.connect(self.source.dsn(options=SESSION_OPTIONS),
+                                                 description=f"source {self.source.name!r}")
+        try:
+            await self._stream_from(state, stream)
+        finally:
+            await stream.close()
+
+    async def _checkpoint(self, state: psycopg.AsyncConnection, system: str) -> tuple[int, int, int]:
+        """(commit_lsn, commit_idx, ack_lsn) to resume from, for this cluster (see checkpoint_for_system)."""
         cur = await state.execute(QUERIES["checkpoint_get"], (self.source.id,))
-        commit_lsn, commit_idx, ack_lsn = (await cur.fetchone())  # type: ignore[misc]
+        commit_lsn, commit_idx, ack_lsn, recorded = (await cur.fetchone())  # type: ignore[misc]
+        if recorded == system:
+            return commit_lsn, commit_idx, ack_lsn
+        if recorded is not None:
+            log.warning("source %s now points at another Postgres cluster (system identifier %s, was %s): its "
+                        "checkpoint is reset and capture starts where the slot stands", self.source.name, system,
+                        recorded, extra=self._log_extra)
+        await state.execute(QUERIES["checkpoint_for_system"], {"source_id": self.source.id, "system": system})
+        return (commit_lsn, commit_idx, ack_lsn) if recorded is None else (0, TX_COMPLETE, 0)
+
+    async def _stream_from(self, state: psycopg.AsyncConnection, stream: ReplicationStream) -> None:
+        commit_lsn, commit_idx, ack_lsn = await self._checkpoint(state, await stream.identify_system())
         buffer = IngestBuffer(self.source.id, Position(commit_lsn, commit_idx), ack_lsn)
         await self._reload_sinks(state)
 
-        source_conn = await connect(self.source.dsn(), autocommit=True)
         types = TypeRegistry()
         decoder: PgoutputDecoder | Wal2JsonDecoder
         if self.source.decoder == "wal2json":
@@ -184,10 +203,8 @@ class SourceReader:
             # a list of identifiers, which pgoutput folds to lower case unless quoted
             quoted = '"' + self.source.publication_name.replace('"', '""') + '"'
             options = {"proto_version": "1", "publication_names": quoted, "messages": "true"}
-        stream = await ReplicationStream.open(
-            self.source.dsn(options=SESSION_OPTIONS), self.source.slot_name, ack_lsn, options,
-            description=f"source {self.source.name!r}",
-        )
+        await stream.start(self.source.slot_name, ack_lsn, options)
+        source_conn = await connect(self.source.dsn(), autocommit=True)
         self.streaming.set()
         loop = asyncio.get_running_loop()
         flusher = self._flusher = Flusher(buffer, stream, state)
@@ -261,7 +278,6 @@ class SourceReader:
             await flusher.settle()
         finally:
             flusher.cancel()
-            await stream.close()
             await source_conn.close()
 
     async def _on_event(self, event: Any, tx: _Tx | None, buffer: IngestBuffer,

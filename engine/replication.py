@@ -37,32 +37,49 @@ class ReplicationStream:
         self._loop = asyncio.get_running_loop()
 
     @classmethod
-    async def open(
-        cls, dsn: str, slot: str, start_lsn: int, options: Mapping[str, str], description: str
-    ) -> ReplicationStream:
+    async def connect(cls, dsn: str, description: str) -> ReplicationStream:
+        """A replication connection, not streaming yet (see :meth:`identify_system`, :meth:`start`)."""
         try:
             conn = await psycopg.AsyncConnection.connect(dsn, replication="database", autocommit=True,
                                                          connect_timeout=10)
         except psycopg.OperationalError as e:
             raise SourceError(f"{description}: cannot open a replication connection to {redact(dsn)}: "
                               f"{str(e).strip()}") from e
-        stream = cls(conn, description)
+        conn.pgconn.nonblocking = 1
+        return cls(conn, description)
+
+    @classmethod
+    async def open(
+        cls, dsn: str, slot: str, start_lsn: int, options: Mapping[str, str], description: str
+    ) -> ReplicationStream:
+        """connect + start."""
+        stream = await cls.connect(dsn, description)
         try:
-            await stream._start(slot, start_lsn, options)
+            await stream.start(slot, start_lsn, options)
         except BaseException:
             await stream.close()
             raise
         return stream
 
-    async def _start(self, slot: str, start_lsn: int, options: Mapping[str, str]) -> None:
+    async def identify_system(self) -> str:
+        """The server's system identifier (IDENTIFY_SYSTEM): which cluster, and so which LSNs, this is."""
+        res = await self._command(b"IDENTIFY_SYSTEM", pq.ExecStatus.TUPLES_OK)
+        value = res.get_value(0, 0)
+        assert value is not None
+        return value.decode()
+
+    async def start(self, slot: str, start_lsn: int, options: Mapping[str, str]) -> None:
         opts = sql.SQL(", ").join(
             sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in options.items()
         )
         query = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
             sql.Identifier(slot), sql.SQL(format_lsn(start_lsn)), opts
         )
-        self._pg.nonblocking = 1
-        self._pg.send_query(query.as_bytes(self._conn))
+        await self._command(query.as_bytes(self._conn), pq.ExecStatus.COPY_BOTH)
+
+    async def _command(self, query: bytes, expect: pq.ExecStatus) -> pq.abc.PGresult:
+        """Send one replication command (simple protocol) and wait for its result."""
+        self._pg.send_query(query)
         await self._flush()
         while True:
             self._consume()
@@ -70,9 +87,13 @@ class ReplicationStream:
                 break
             await self._readable(None)
         res = self._pg.get_result()
-        if res is None or res.status != pq.ExecStatus.COPY_BOTH:
+        if res is None or res.status != expect:
             msg = (res.error_message.decode(errors="replace").strip() if res is not None else "no result")
-            raise SourceError(f"{self._description}: START_REPLICATION failed: {msg}")
+            raise SourceError(f"{self._description}: {query.split()[0].decode()} failed: {msg}")
+        if expect != pq.ExecStatus.COPY_BOTH:
+            while self._pg.get_result() is not None:  # the end of this command's results
+                pass
+        return res
 
     def read_nowait(self) -> bytes | None:
         """The next CopyData message if one is already here (buffered or in the socket), else None."""

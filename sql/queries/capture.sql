@@ -6,7 +6,18 @@ select pg_try_advisory_lock(hashtext('pgsink.reader'), hashtext(%s::text))
 -- name: checkpoint_get
 insert into pgsink.source_checkpoints (source_id) values (%s)
 on conflict (source_id) do update set source_id = excluded.source_id
-returning commit_lsn, commit_idx, ack_lsn
+returning commit_lsn, commit_idx, ack_lsn, system_identifier
+
+-- name: checkpoint_for_system
+-- Ties the checkpoint to the cluster the reader is connected to. One recorded
+-- for another cluster is reset (its LSNs mean nothing here); none recorded
+-- yet (new, or from before version 6) is taken as this cluster's.
+update pgsink.source_checkpoints
+set commit_lsn = case when system_identifier is null then commit_lsn else 0 end,
+    commit_idx = case when system_identifier is null then commit_idx else 2147483647 end,
+    ack_lsn = case when system_identifier is null then ack_lsn else 0 end,
+    system_identifier = %(system)s
+where source_id = %(source_id)s and system_identifier is distinct from %(system)s
 
 -- name: message_id_high
 select last_value from pgsink.message_id_seq

@@ -314,3 +314,23 @@ async def test_a_publication_name_with_capitals_streams(aconn: psycopg.AsyncConn
         await aconn.execute("insert into shouty values (1)")
         await wait_for(lambda: changes_count(aconn, 1), what="the change")
     assert await fetchval(aconn, "select pubname from pg_publication") == "MyPub"
+
+
+async def test_a_checkpoint_of_another_cluster_is_reset_not_obeyed(aconn: psycopg.AsyncConnection, fresh_db: str,
+                                                                   setup: tuple[model.Source, UUID]) -> None:
+    """A source re-pointed at another cluster kept its old checkpoint: every transaction below that LSN
+    was skipped, on the server and in the reader, and lost without a word."""
+    source, _ = setup
+    async with running_reader(fresh_db, source):
+        await aconn.execute("insert into orders values (1, 'a', 1, '')")
+        await wait_for(lambda: changes_count(aconn, 1), what="the first change")
+    system = await fetchval(aconn, "select system_identifier::text from pg_control_system()")
+    assert await fetchval(aconn, "select system_identifier from pgsink.source_checkpoints") == system
+    far = 1 << 40  # where the other cluster's WAL had got to
+    await aconn.execute("update pgsink.source_checkpoints set system_identifier = '42', commit_lsn = %s,"
+                        " ack_lsn = %s", (far, far))
+    await aconn.execute("insert into orders values (2, 'b', 2, '')")
+    async with running_reader(fresh_db, source):
+        await wait_for(lambda: changes_count(aconn, 2), what="the change made after the move")
+    assert await fetchval(aconn, "select system_identifier from pgsink.source_checkpoints") == system
+    assert await fetchval(aconn, "select count(distinct (commit_lsn, commit_idx)) from pgsink.changes") == 2
