@@ -32,7 +32,7 @@ from .decode import RowChange
 from .errors import PgsinkError
 from .queries import QUERIES
 from .queue import lane_for
-from .values import RawJson, dumps
+from .values import RawJson, dumps, jsonb_text
 
 log = logging.getLogger("pgsink.ingest")
 
@@ -75,6 +75,20 @@ def record_key(record: dict[str, Any], columns: Iterable[str]) -> str:
     return ",".join(key_text(record.get(c)) for c in columns)
 
 
+def group_value_text(value: Any) -> str:
+    """A group column's value in a group key: strings as is, the rest as ``jsonb::text`` prints it.
+
+    Replay computes group keys in SQL from the retained record (jsonb), as
+    ``(record -> column)::text``; capture and backfill must write the very
+    same text, or a replayed message lands in another group and lane.
+    """
+    if type(value) is str:
+        return value
+    if type(value) is int:
+        return str(value)
+    return jsonb_text(value)
+
+
 def group_key(schema: str, table: str, record: dict[str, Any], columns: tuple[str, ...] | None,
               record_pk: str | None) -> str:
     """A row's message group: its group columns, else its primary key; a table without one is one group.
@@ -83,7 +97,7 @@ def group_key(schema: str, table: str, record: dict[str, Any], columns: tuple[st
     or a row's messages would land in different lanes.
     """
     if columns:
-        return f"{schema}.{table}:{record_key(record, columns)}"
+        return f"{schema}.{table}:{','.join(group_value_text(record.get(c)) for c in columns)}"
     if record_pk is not None:
         return f"{schema}.{table}:{record_pk}"
     return f"{schema}.{table}"

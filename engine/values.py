@@ -121,6 +121,46 @@ def _big_ints_raw(obj: Any) -> Any:
     return obj
 
 
+def jsonb_text(value: Any) -> str:
+    """``value`` as Postgres prints it once stored as jsonb (``jsonb::text``).
+
+    Numbers as numeric prints them (all digits, no exponent, scale kept),
+    ``", "`` and ``": "`` between items, object keys in jsonb's order (shorter
+    first, then bytewise; the last of duplicates wins), strings escaped as
+    Postgres escapes them.
+    """
+    if type(value) is RawJson:
+        value = json.loads(value.text, parse_float=Decimal)
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is str:
+        return _jsonb_string(value)
+    if type(value) is int:
+        return str(value)
+    if isinstance(value, float | Decimal):
+        number = Decimal(orjson.dumps(value).decode()) if isinstance(value, float) else value
+        if not number.is_finite():
+            raise ValueError(f"{value} has no JSON form")
+        return format(number.copy_abs() if number.is_zero() else number, "f")  # numeric has no -0
+    if isinstance(value, dict):
+        keys = sorted({str(k): v for k, v in value.items()}.items(), key=lambda kv: (len(kv[0].encode()), kv[0].encode()))
+        return "{" + ", ".join(f"{_jsonb_string(k)}: {jsonb_text(v)}" for k, v in keys) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(jsonb_text(v) for v in value) + "]"
+    return _jsonb_string(str(value))
+
+
+_JSONB_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+                  "\t": "\\t"}
+
+
+def _jsonb_string(text: str) -> str:
+    """A JSON string as Postgres's escape_json writes it."""
+    return '"' + "".join(_JSONB_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " else c) for c in text) + '"'
+
+
 _LONG_NUMBER = re.compile(r"\d{16,}|\d[eE][+-]?\d{3,}")
 
 
