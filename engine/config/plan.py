@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..model import Config
-from .specs import Desired, TableSpec, current_specs, format_retention
+from .specs import Desired, SinkSpec, TableSpec, current_specs, format_retention
 
 
 # Field names as the YAML spells them, for plan output.
@@ -149,6 +149,7 @@ def make_plan(desired: Desired, current: Config, *, prune: bool = False) -> Plan
     source_names = {s.name for s in desired.sources} | {s.name for s in now.sources}
     endpoint_names = {e.name for e in desired.endpoints} | {e.name for e in now.endpoints}
     current_sinks = {k.name: k for k in now.sinks}
+    warnings = list(desired.warnings)
     for k in desired.sinks:
         where = f"{desired.filename}{_line(k)}: sink {k.name!r}"
         if k.source not in source_names:
@@ -163,6 +164,11 @@ def make_plan(desired: Desired, current: Config, *, prune: bool = False) -> Plan
                 f"{where}: lane_count cannot change ({old_sink.lane_count} -> {k.lane_count}): a group's "
                 "lane is a hash modulo the lane count, so changing it would split groups across lanes "
                 "and break their order. Keep it, or remove the sink and create it again.")
+        if old_sink is not None and _grouping(old_sink) != _grouping(k):
+            warnings.append(
+                f"{where}: its grouping changes (message_grouping or group_column_names): messages already "
+                "queued or parked keep their old groups, so a row's new changes may overtake its pending ones; "
+                "change it when `pgsink status` shows nothing pending for this sink")
     if prune and not (desired.sources or desired.endpoints or desired.sinks):
         problems.append(f"{desired.filename}: declares nothing, and --prune would delete every source, endpoint "
                         "and sink; to remove objects, remove them one by one (pgsink sink remove ...)")
@@ -170,7 +176,12 @@ def make_plan(desired: Desired, current: Config, *, prune: bool = False) -> Plan
         changes += _prune(desired, now, problems)
     if problems:
         raise ConfigError("\n".join(problems))
-    return Plan(changes, list(desired.warnings))
+    return Plan(changes, warnings)
+
+
+def _grouping(k: SinkSpec) -> tuple[bool, frozenset[tuple[str, tuple[str, ...] | None]]]:
+    """What decides a sink's group keys."""
+    return k.message_grouping, frozenset((t.name, t.group_column_names) for t in k.tables if t.group_column_names)
 
 
 def _keep_signing_secrets(desired: Desired, now: Desired) -> Desired:

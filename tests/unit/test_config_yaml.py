@@ -327,3 +327,19 @@ def test_a_nul_character_is_refused_at_its_line() -> None:
     """YAML can spell one ("\\0"); Postgres text cannot hold it, so apply failed half-way with a DataError."""
     msg = error_of(MINIMAL.replace("    database: app\n", '    database: "a\\0pp"\n'))
     assert "sequin.yaml:4: contains a NUL character" in msg
+
+
+
+def test_plan_warns_when_a_sinks_grouping_changes() -> None:
+    """Queued and parked messages keep their groups: a change of grouping can let new ones overtake them."""
+    config = _config()
+    env = {"PGSINK_DB_DB_PASSWORD": "x", "PGSINK_ENDPOINT_HOOK_AUTHORIZATION": "x", "PGSINK_ENDPOINT_HOOK_X_KEY": "x"}
+    text = cfg.export_yaml(config)
+
+    def warnings(yaml_text: str) -> list[str]:
+        return [w for w in cfg.make_plan(cfg.parse_config(yaml_text, env=env), config).warnings if "grouping" in w]
+
+    assert warnings(text) == []
+    assert warnings(text.replace("    - a\n    - b\n", "    - b\n"))  # other group columns
+    off = text.replace("message_grouping: true", "message_grouping: false")
+    assert warnings(off.replace("    group_column_names:\n    - a\n    - b\n", ""))
