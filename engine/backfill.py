@@ -47,11 +47,10 @@ only a synchronous standby stalled that long -- is assumed seen).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -62,13 +61,13 @@ from psycopg import sql
 from . import db
 from .capture import SESSION_OPTIONS
 from .errors import PgsinkError
-from .filters import Predicate, sink_predicate
+from .filters import Predicate, filter_metadata, retained_change_passes, sink_predicate
 from .decode import convert_row
 from .ingest import group_key, key_text, record_key
 from .model import Sink, load_config
 from .queries import QUERIES
 from .userfunc import UserFunctionError
-from .values import RawJson, TypeRegistry, dumps
+from .values import TypeRegistry, dumps
 from .waiting import jittered, wait_event
 
 log = logging.getLogger("pgsink.backfill")
@@ -344,31 +343,15 @@ class BackfillStage:
         supersede the read: dropping the read would lose the row at the destination."""
         if change.action not in self._sink.actions:
             return False
-        if self._predicate is None:
-            return True
-        try:  # the values as capture gave them to the filter: numbers exact, its timestamp text
-            stamp = change.committed.astimezone(UTC).isoformat() if change.committed else None
-            annotations = orjson.loads(change.annotations) if change.annotations else None
-            metadata = self._filter_metadata(job, stamp, change.commit_lsn, change.commit_idx, annotations)
-            record = json.loads(change.record or "null", parse_float=RawJson)
-            changes = json.loads(change.changes, parse_float=RawJson) if change.changes else None
-            return bool(self._predicate(change.action, record, changes, metadata))
-        except Exception:  # noqa: BLE001 - as capture: a change its filter could not judge was queued
-            return True
-
-    def _filter_metadata(self, job: Job, commit_timestamp: str | None, commit_lsn: int, commit_idx: int,
-                         annotations: Any) -> dict[str, Any]:
-        """The ``metadata`` a sink filter sees, shaped as capture gives it."""
-        sink = self._sink
-        return {"table_schema": job.schema, "table_name": job.table, "commit_timestamp": commit_timestamp,
-                "commit_lsn": commit_lsn, "commit_idx": commit_idx, "transaction_annotations": annotations,
-                "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
+        return self._predicate is None or retained_change_passes(
+            self._predicate, self._sink, job.schema, job.table, change.action, change.record, change.changes,
+            change.committed, change.commit_lsn, change.commit_idx, change.annotations)
 
     def _passes(self, job: Job, record: dict[str, Any], read_at: datetime) -> bool:
         """The sink's filters, applied to a read as capture applies them to a change (kept on an error)."""
         if self._predicate is None:
             return True
-        metadata = self._filter_metadata(job, read_at.isoformat(), 0, 0, None)
+        metadata = filter_metadata(self._sink, job.schema, job.table, read_at.isoformat(), 0, 0, None)
         try:
             return bool(self._predicate("read", record, None, metadata))
         except Exception as e:  # noqa: BLE001 - as capture: a filter that cannot judge keeps the row

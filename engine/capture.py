@@ -40,7 +40,7 @@ from .framing import (
     standby_status_update,
 )
 from .errors import PgsinkError
-from .filters import Predicate, sink_predicate
+from .filters import Predicate, filter_metadata, sink_predicate
 from .ingest import (
     TX_COMPLETE,
     IngestBuffer,
@@ -369,10 +369,8 @@ class SourceReader:
         if entry is None:
             return True
         sink, predicate = entry
-        metadata = {"table_schema": change.schema, "table_name": change.table,
-                    "commit_timestamp": tx.committed_text.decode(), "commit_lsn": tx.commit_lsn, "commit_idx": idx,
-                    "transaction_annotations": loads_exact(tx.annotations.decode()) if tx.annotations else None,
-                    "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
+        metadata = filter_metadata(sink, change.schema, change.table, tx.committed_text.decode(), tx.commit_lsn, idx,
+                                   loads_exact(tx.annotations.decode()) if tx.annotations else None)
         try:
             return predicate(change.action, change.record, change.changes, metadata)
         except Exception as e:  # noqa: BLE001 - a filter that cannot judge keeps the change; it never stops capture

@@ -22,13 +22,16 @@ changed columns, a mapping) are the two extra names, ``record.col`` and
 
 from __future__ import annotations
 
+import json
 import logging
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import orjson
 import pglast
 from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType, BoolTestType, NullTestType
@@ -500,6 +503,34 @@ def compile_sql(text: str) -> Callable[[str, Mapping[str, Any], Mapping[str, Any
 
 
 # ====================================================================== a sink's predicate
+
+
+def filter_metadata(sink: Any, schema: str, table: str, commit_timestamp: str | None, commit_lsn: int,
+                    commit_idx: int, annotations: Any) -> dict[str, Any]:
+    """The ``metadata`` a sink's filter sees (``sink``: its id, name and annotations)."""
+    return {"table_schema": schema, "table_name": table, "commit_timestamp": commit_timestamp,
+            "commit_lsn": commit_lsn, "commit_idx": commit_idx, "transaction_annotations": annotations,
+            "consumer": {"id": str(sink.id), "name": sink.name, "annotations": sink.annotations}}
+
+
+def retained_change_passes(predicate: Predicate, sink: Any, schema: str, table: str, action: str,
+                           record: str | None, changes: str | None, committed_at: datetime | None,
+                           commit_lsn: int, commit_idx: int, annotations: str | None) -> bool:
+    """Whether a sink's filters keep a change of the retention log, judged as capture judged it.
+
+    The values as capture gave them to the filter (numbers exact, its timestamp
+    text); True when the filters cannot judge it, as capture then keeps it.
+    Used where capture's decision must be redone: backfill's superseded check
+    and replay.
+    """
+    try:
+        stamp = committed_at.astimezone(UTC).isoformat() if committed_at else None
+        metadata = filter_metadata(sink, schema, table, stamp, commit_lsn, commit_idx,
+                                   orjson.loads(annotations) if annotations else None)
+        return bool(predicate(action, json.loads(record or "null", parse_float=RawJson),
+                              json.loads(changes, parse_float=RawJson) if changes else None, metadata))
+    except Exception:  # noqa: BLE001 - as capture: a change its filter could not judge was kept
+        return True
 
 
 def sink_predicate(filters: Sequence[Mapping[str, Any]], filter_sql: str | None,

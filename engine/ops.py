@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -21,6 +22,7 @@ from psycopg.rows import dict_row
 
 from . import db
 from .errors import PgsinkError
+from .filters import retained_change_passes, sink_predicate
 from .model import load_config
 from .queries import QUERIES
 
@@ -124,10 +126,38 @@ async def message(dsn: str, sink: str, message_id: int) -> tuple[dict[str, Any],
 
 async def replay(dsn: str, sink: str, since: datetime, until: datetime | None = None,
                  table: str | None = None, action: str | None = None) -> int:
-    """Re-enqueue retained changes of a sink (pgsink.replay); returns how many."""
-    rows = await _rows(dsn, "ops_replay", {"sink": sink, "since": since, "until": until, "table": table,
-                                           "action": action})
-    return int(next(iter(rows[0].values())))
+    """Re-enqueue retained changes of a sink; returns how many.
+
+    A sink without filters: pgsink.replay. With filters, which run in Python,
+    the window's candidates are judged here as capture judged them and only
+    those that pass go to pgsink.replay_changes.
+    """
+    params = {"sink": sink, "since": since, "until": until, "table": table, "action": action}
+    async with _state(dsn) as conn:
+        cur = await conn.execute(QUERIES["ops_sink_filters"], {"sink": sink})  # type: ignore[arg-type]
+        row = await cur.fetchone()
+        target = SimpleNamespace(**row) if row else None
+        if target is None or not (target.filters or target.filter_sql or target.filter_function):
+            cur = await conn.execute(QUERIES["ops_replay"], params)  # type: ignore[arg-type]
+            return int(next(iter((await cur.fetchone() or {0: 0}).values())))  # or it says what is wrong
+        predicate = sink_predicate(target.filters, target.filter_sql, target.filter_function,
+                                   timeout=target.function_timeout_ms / 1000, what=f"sink {target.name}: filter")
+        assert predicate is not None
+        lsns: list[int] = []
+        idxs: list[int] = []
+        ats: list[datetime] = []
+        async with conn.transaction(), conn.cursor(name="pgsink_replay") as cur:
+            await cur.execute(QUERIES["ops_replay_candidates"], params)  # type: ignore[arg-type]
+            async for c in cur:
+                if retained_change_passes(predicate, target, c["source_table_schema"], c["source_table_name"],
+                                          c["action"], c["record"], c["changes"], c["committed_at"],
+                                          c["commit_lsn"], c["commit_idx"], c["transaction_annotations"]):
+                    lsns.append(c["commit_lsn"])
+                    idxs.append(c["commit_idx"])
+                    ats.append(c["committed_at"])
+        cur = await conn.execute(QUERIES["ops_replay_changes"],  # type: ignore[arg-type]
+                                 {"sink": sink, "lsns": lsns, "idxs": idxs, "ats": ats})
+        return int(next(iter((await cur.fetchone() or {0: 0}).values())))
 
 
 async def retry_group(dsn: str, sink: str, group_key: str) -> int:

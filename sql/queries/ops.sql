@@ -64,6 +64,20 @@ order by started_at, id
 -- name: ops_replay
 select pgsink.replay(%(sink)s, %(since)s, %(until)s, %(table)s, %(action)s)
 
+-- name: ops_sink_filters
+select id, name, annotations, filters, filter_sql, filter_function, function_timeout_ms
+from pgsink.sinks where name = %(sink)s
+
+-- name: ops_replay_candidates
+-- What a replay considers before the sink's filters (json as text: exact digits for the filters).
+select c.source_table_schema, c.source_table_name, c.action, c.record::text as record,
+       c.changes::text as changes, c.committed_at, c.commit_lsn, c.commit_idx,
+       c.transaction_annotations::text as transaction_annotations
+from pgsink.replay_candidates(%(sink)s, %(since)s, %(until)s, %(table)s, %(action)s) c
+
+-- name: ops_replay_changes
+select pgsink.replay_changes(%(sink)s, %(lsns)s::bigint[], %(idxs)s::integer[], %(ats)s::timestamptz[])
+
 -- name: ops_retry_group
 select pgsink.retry_group(%(sink)s, %(group_key)s)
 

@@ -316,3 +316,31 @@ async def test_replay_under_live_traffic_is_one_block_in_commit_order(
     assert len(copies) == 100 and copies == list(range(copies[0], copies[0] + 100))  # one block
     positions = [(m[1], m[2]) for m in msgs if m[3]]
     assert positions == sorted(positions)  # commit order
+
+
+async def test_replay_of_a_sink_with_filters_sends_only_what_they_pass(
+        fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    """Filters ran at capture; replay used to re-enqueue every change of the sink's tables, so the
+    destination got rows the sink never takes. SQL cannot run them: pgsink.replay says so, and
+    `pgsink replay` (ops.replay) judges each retained change as capture did."""
+    from pgsink.engine import ops
+    from pgsink.engine.errors import PgsinkError
+
+    refs = await create_sink(aconn, "http://127.0.0.1:9/hook", lane_count=4,
+                             filter_sql="amount > 100 and action <> 'delete'")
+    when = datetime.now(UTC) - timedelta(hours=1)
+    def row(pk: int, amount: str, action: str = "insert") -> Row:
+        return Row({}, str(pk), action=action, record_json=f'{{"id": {pk}, "amount": {amount}}}')
+
+    await enqueue_changes(aconn, refs.sink_id, [row(1, "150.50"), row(2, "5"), row(3, "100.000000000000000001"),
+                                                row(1, "150.50", "delete"), row(4, "999")], committed_at=when)
+    queued = await rows(aconn, "select commit_lsn, commit_idx from pgsink.messages order by id")
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="has filters") as e:
+        await aconn.execute("select pgsink.replay('orders_webhook', %s)", (when - timedelta(minutes=1),))
+    assert "pgsink replay --sink orders_webhook" in (e.value.diag.message_hint or "")
+    assert await ops.replay(fresh_db, "orders_webhook", when - timedelta(minutes=1)) == 3
+    replayed = await rows(aconn, "select commit_lsn, commit_idx, group_key from pgsink.messages order by id offset 5")
+    assert [(lsn, idx) for lsn, idx, _ in replayed] == [queued[0], queued[2], queued[4]]  # exact: 100.0...01 > 100
+    assert [key for _, _, key in replayed] == ["public.orders:1", "public.orders:3", "public.orders:4"]
+    with pytest.raises(PgsinkError, match="sink .nope. does not exist"):
+        await ops.replay(fresh_db, "nope", when)
