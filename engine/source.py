@@ -306,31 +306,56 @@ async def ensure_slot_and_publication(source: Source) -> None:
         await _ensure(conn, source, strict=True)
 
 
-async def prepare_source(source: Source, tables: list[tuple[str, str]] | None = None) -> list[str]:
+async def prepare_source(source: Source, tables: list[tuple[str, str]] | None = None
+                         ) -> tuple[list[str], list[str]]:
     """Create what the source may create, then run every check; the config-apply path.
 
     Unlike ensure_slot_and_publication, a missing object that may not be
     created is left to check_source, so all problems are reported together.
+    Returns (warnings, what it created: "publication", "slot"); when a check
+    fails, what it created is dropped again (see undo_created).
     """
     async with _source_conn(source) as conn:
-        await _ensure(conn, source, strict=False)
-    return await check_source(source, tables)
+        created = await _ensure(conn, source, strict=False)
+    try:
+        return await check_source(source, tables), created
+    except BaseException:
+        await undo_created(source, created)
+        raise
 
 
-async def _ensure(conn: psycopg.AsyncConnection, source: Source, *, strict: bool) -> None:
+async def undo_created(source: Source, created: list[str]) -> None:
+    """Drop what prepare_source created, for an apply that failed: a slot nobody reads keeps WAL forever."""
+    if not created:
+        return
+    try:
+        async with _source_conn(source) as conn:
+            if "slot" in created:
+                await conn.execute(QUERIES["source_drop_slot"], {"slot": source.slot_name})
+            if "publication" in created:
+                await conn.execute(sql.SQL("drop publication if exists {}").format(
+                    sql.Identifier(source.publication_name)))
+    except (psycopg.Error, PgsinkError) as e:
+        log.warning("source %s: could not drop the %s created for a failed apply (%s); drop it by hand",
+                    source.name, " and ".join(created), e, extra={"source": source.name})
+
+
+async def _ensure(conn: psycopg.AsyncConnection, source: Source, *, strict: bool) -> list[str]:
     await conn.execute(QUERIES["source_ensure_lock"], {"slot": source.slot_name})
     try:
-        await _ensure_locked(conn, source, strict=strict)
+        return await _ensure_locked(conn, source, strict=strict)
     finally:
         if not conn.broken:  # a broken session has released the lock already
             await conn.execute(QUERIES["source_ensure_unlock"], {"slot": source.slot_name})
 
 
-async def _ensure_locked(conn: psycopg.AsyncConnection, source: Source, *, strict: bool) -> None:
+async def _ensure_locked(conn: psycopg.AsyncConnection, source: Source, *, strict: bool) -> list[str]:
+    created: list[str] = []
     # The publication first, so that the slot's first decoded transaction already sees it.
     if await _publication(conn, source) is None:
         if source.create_publication:
-            await _create_publication(conn, source)
+            if await _create_publication(conn, source):
+                created.append("publication")
         elif strict:
             raise SourceError(_publication_missing(source))
     if await _one(conn, QUERIES["source_slot"], {"slot": source.slot_name}) is None:
@@ -338,14 +363,17 @@ async def _ensure_locked(conn: psycopg.AsyncConnection, source: Source, *, stric
             wal = await _wal_level_problem(conn, source)
             if wal:
                 raise SourceError(wal)
-            await _create_slot(conn, source)
+            if await _create_slot(conn, source):
+                created.append("slot")
         elif strict:
             problem = await _slot_problem(conn, source)
             raise SourceError(problem or f"Replication slot {source.slot_name!r} is missing.")
+    return created
 
 
-async def _create_publication(conn: psycopg.AsyncConnection, source: Source) -> None:
-    """Run the user's init_sql, or publish all tables (the reader drops pgsink's own)."""
+async def _create_publication(conn: psycopg.AsyncConnection, source: Source) -> bool:
+    """Run the user's init_sql, or publish all tables (the reader drops pgsink's own); False when
+    another session created it meanwhile."""
     try:
         if source.publication_init_sql:
             log.info("creating publication %s with init_sql", source.publication_name,
@@ -359,7 +387,7 @@ async def _create_publication(conn: psycopg.AsyncConnection, source: Source) -> 
                 .format(sql.Identifier(source.publication_name))
             )
     except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
-        pass  # created concurrently by a process without our lock (an older pgsink, a human)
+        return False  # created concurrently by a process without our lock (an older pgsink, a human)
     except psycopg.errors.InsufficientPrivilege as e:
         raise SourceError(
             f"Cannot create publication {source.publication_name!r} on source {source.name!r}: "
@@ -379,15 +407,17 @@ async def _create_publication(conn: psycopg.AsyncConnection, source: Source) -> 
             f"{source.publication_name!r} still does not exist: init_sql must create a publication "
             "with exactly that name."
         )
+    return True
 
 
-async def _create_slot(conn: psycopg.AsyncConnection, source: Source) -> None:
+async def _create_slot(conn: psycopg.AsyncConnection, source: Source) -> bool:
+    """Create the slot; False when another session created it meanwhile."""
     log.info("creating logical replication slot %s (%s)", source.slot_name, source.decoder,
              extra={"source": source.name})
     try:
         await conn.execute(QUERIES["source_create_slot"], {"slot": source.slot_name, "plugin": source.decoder})
     except psycopg.errors.DuplicateObject:
-        pass  # created concurrently; its plugin is checked below
+        return False  # created concurrently; its plugin is checked below
     except psycopg.errors.InsufficientPrivilege as e:
         raise SourceError(
             f"Cannot create replication slot {source.slot_name!r} on source {source.name!r}: "
@@ -409,6 +439,7 @@ async def _create_slot(conn: psycopg.AsyncConnection, source: Source) -> None:
     problem = await _slot_problem(conn, source)
     if problem:
         raise SourceError(problem)
+    return True
 
 
 async def drop_slot(source: Source) -> bool:

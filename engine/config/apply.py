@@ -176,12 +176,15 @@ def _sources_to_check(plan: Plan, desired: Desired, current: Config) -> dict[str
     return out
 
 
-async def _prepare_sources(checks: dict[str, tuple[Source, set[tuple[str, str]]]]) -> list[str]:
-    """Create slots/publications allowed to be created, then check every touched source."""
+async def _prepare_sources(checks: dict[str, tuple[Source, set[tuple[str, str]]]],
+                           created: list[tuple[Source, list[str]]]) -> list[str]:
+    """Create slots/publications allowed to be created (noted in ``created``), then check every
+    touched source."""
     warnings: list[str] = []
     for name, (src, tables) in checks.items():
-        for w in await source_checks.prepare_source(src, sorted(tables)):
-            warnings.append(f"source {name!r}: {w}")
+        found, made = await source_checks.prepare_source(src, sorted(tables))
+        created.append((src, made))
+        warnings += [f"source {name!r}: {w}" for w in found]
     return warnings
 
 
@@ -217,18 +220,24 @@ async def apply_config(dsn: str, desired: Desired, *, prune: bool = False, creat
     if plan.empty:
         return ApplyResult(plan, [])
     checks = _sources_to_check(plan, desired, current)
-    warnings = await _prepare_sources(checks)
-    async with connection(dsn, autocommit=True) as conn:
-        async with conn.transaction():
-            await conn.execute(QUERIES["config_lock"])
-            latest = await _load(conn)
-            plan = make_plan(desired, latest, prune=prune)
-            if create_only:
-                _refuse_existing(plan)
-            if set(_sources_to_check(plan, desired, latest)) - set(checks):
-                raise ConfigError("The config changed while it was being applied; run the command again.")
-            await _write(conn, plan)
-            await conn.execute(QUERIES["config_notify"], {"what": "apply"})
+    created: list[tuple[Source, list[str]]] = []
+    try:
+        warnings = await _prepare_sources(checks, created)
+        async with connection(dsn, autocommit=True) as conn:
+            async with conn.transaction():
+                await conn.execute(QUERIES["config_lock"])
+                latest = await _load(conn)
+                plan = make_plan(desired, latest, prune=prune)
+                if create_only:
+                    _refuse_existing(plan)
+                if set(_sources_to_check(plan, desired, latest)) - set(checks):
+                    raise ConfigError("The config changed while it was being applied; run the command again.")
+                await _write(conn, plan)
+                await conn.execute(QUERIES["config_notify"], {"what": "apply"})
+    except BaseException:  # nothing was written: drop the slots and publications this run made
+        for src, made in created:
+            await source_checks.undo_created(src, made)
+        raise
     return ApplyResult(plan, warnings)
 
 

@@ -146,6 +146,9 @@ async def test_a_failing_source_check_writes_nothing(fresh_db: str, aconn: psyco
     with pytest.raises(SourceError, match=r"Table public.missing does not exist"):
         await cfg.apply_config(fresh_db, desired(broken, env))
     assert await config_counts(aconn) == (0, 0, 0, 0)
+    # nor leaves the slot it made (it would keep WAL forever) or the publication
+    assert await rows(aconn, f"select 1 from pg_replication_slots where slot_name = '{env['PGSINK_TEST_SLOT']}'") == []
+    assert await rows(aconn, "select 1 from pg_publication where pubname = 'sequin_pub'") == []
     wrong_port = FIXTURE.replace("${PGSINK_TEST_PORT:-5432}", "1")
     with pytest.raises(SourceError, match=r"Source 'production-db': Cannot connect"):
         await cfg.apply_config(fresh_db, desired(wrong_port, env))
