@@ -67,7 +67,8 @@ from .ingest import group_key, key_text, record_key
 from .model import Sink, load_config
 from .queries import QUERIES
 from .userfunc import UserFunctionError
-from .values import TypeRegistry, dumps
+from .jsontext import dumps
+from .values import TypeRegistry
 from .waiting import jittered, wait_event
 
 log = logging.getLogger("pgsink.backfill")

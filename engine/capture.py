@@ -56,7 +56,8 @@ from .queries import QUERIES
 from .replication import ReplicationStream
 from .source import ensure_slot_and_publication
 from .userfunc import UserFunctionError
-from .values import TypeRegistry, dumps, loads_exact
+from .jsontext import dumps, loads_exact
+from .values import TypeRegistry
 from .waiting import wait_event
 from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
 

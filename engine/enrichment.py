@@ -29,7 +29,7 @@ from pglast.visitors import Visitor
 from .db import connect
 from .errors import ConfigError, PgsinkError
 from .model import Source
-from .values import dumps, loads_exact
+from .jsontext import dumps, loads_exact
 
 log = logging.getLogger("pgsink.enrichment")
 

@@ -38,7 +38,7 @@ from pglast.enums import A_Expr_Kind, BoolExprType, BoolTestType, NullTestType
 
 from . import userfunc
 from .errors import ConfigError
-from .values import RawJson, dumps, loads_exact
+from .jsontext import RawJson, dumps, loads_exact
 
 log = logging.getLogger("pgsink.filters")
 

@@ -32,7 +32,7 @@ from .decode import RowChange
 from .errors import PgsinkError
 from .queries import QUERIES
 from .queue import lane_for
-from .values import RawJson, dumps, jsonb_text
+from .jsontext import RawJson, dumps, jsonb_text
 
 log = logging.getLogger("pgsink.ingest")
 

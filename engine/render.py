@@ -31,7 +31,7 @@ import orjson
 
 from .model import HttpEndpoint, Sink, Source
 from .queue import QueuedMessage
-from .values import dumps
+from .jsontext import dumps
 
 
 def change_idempotency_key(commit_lsn: int, commit_idx: int) -> str:

@@ -39,7 +39,7 @@ from .queries import QUERIES
 from .queue import QueuedMessage
 from .render import RenderContext, render_message
 from .userfunc import UserFunctionError
-from .values import dumps, loads_exact
+from .jsontext import dumps, loads_exact
 
 METHODS = ("POST", "PUT", "PATCH", "DELETE")
 

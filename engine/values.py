@@ -18,7 +18,7 @@ converters here, so the two produce identical records. The rules, in short:
 * anything unknown or odd stays the text Postgres printed: conversion never
   raises out of :meth:`TypeRegistry.convert`.
 
-Serialise records with :func:`dumps` (``orjson`` with :func:`json_default`):
+Serialise records with :func:`.jsontext.dumps` (``orjson`` with its ``default`` hook):
 plain ``orjson.dumps`` rejects :class:`RawJson`. Why not return
 ``orjson.Fragment`` directly: a Fragment is opaque (its text cannot be read
 back), compares equal only to itself and stringifies to its address, so group
@@ -34,20 +34,16 @@ reader should start its replication session with
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg.rows import tuple_row
 
+from .jsontext import RawJson
 from .queries import QUERIES
 
 log = logging.getLogger("pgsink.decode")
@@ -58,136 +54,6 @@ Converter = Callable[[str], Any]
 
 FIRST_USER_OID = 10000
 """Type oids below this are built into every server and never need a catalog query."""
-
-
-# --------------------------------------------------------------------- RawJson
-
-
-class RawJson:
-    """A JSON text emitted verbatim: numeric digits, a json/jsonb document.
-
-    Equal when the texts are equal, hashable, ``str()`` gives the text, so it can
-    take part in group keys and comparisons. :func:`dumps` writes it unchanged.
-    """
-
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is RawJson and other.text == self.text
-
-    def __hash__(self) -> int:
-        return hash((RawJson, self.text))
-
-    def __repr__(self) -> str:
-        return f"RawJson({self.text!r})"
-
-    def __str__(self) -> str:
-        return self.text
-
-    @property
-    def value(self) -> Any:
-        """The parsed Python value (numbers may lose digits; for filters, not output)."""
-        return orjson.loads(self.text)
-
-
-def json_default(obj: Any) -> Any:
-    """``orjson`` ``default=`` hook: :class:`RawJson` and finite Decimals as raw JSON numbers."""
-    if type(obj) is RawJson:
-        return orjson.Fragment(obj.text)
-    if isinstance(obj, Decimal) and obj.is_finite():
-        return orjson.Fragment(str(obj))
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def dumps(obj: Any, option: int = 0) -> bytes:
-    """``orjson.dumps`` that understands :class:`RawJson` and Decimal (use it for every record), and
-    ints past 64 bits, which orjson refuses (a numeric(30) key, a user's annotation)."""
-    try:
-        return orjson.dumps(obj, default=json_default, option=option)
-    except orjson.JSONEncodeError:
-        return orjson.dumps(_big_ints_raw(obj), default=json_default, option=option)
-
-
-def _big_ints_raw(obj: Any) -> Any:
-    if type(obj) is int and not -(2 ** 63) <= obj < 2 ** 64:
-        return orjson.Fragment(str(obj))
-    if isinstance(obj, dict):
-        return {k: _big_ints_raw(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_big_ints_raw(v) for v in obj]
-    return obj
-
-
-def jsonb_text(value: Any) -> str:
-    """``value`` as Postgres prints it once stored as jsonb (``jsonb::text``).
-
-    Numbers as numeric prints them (all digits, no exponent, scale kept),
-    ``", "`` and ``": "`` between items, object keys in jsonb's order (shorter
-    first, then bytewise; the last of duplicates wins), strings escaped as
-    Postgres escapes them.
-    """
-    if type(value) is RawJson:
-        value = json.loads(value.text, parse_float=Decimal)
-    if value is None:
-        return "null"
-    if value is True or value is False:
-        return "true" if value else "false"
-    if type(value) is str:
-        return _jsonb_string(value)
-    if type(value) is int:
-        return str(value)
-    if isinstance(value, float | Decimal):
-        number = Decimal(orjson.dumps(value).decode()) if isinstance(value, float) else value
-        if not number.is_finite():
-            raise ValueError(f"{value} has no JSON form")
-        return format(number.copy_abs() if number.is_zero() else number, "f")  # numeric has no -0
-    if isinstance(value, dict):
-        keys = sorted({str(k): v for k, v in value.items()}.items(), key=lambda kv: (len(kv[0].encode()), kv[0].encode()))
-        return "{" + ", ".join(f"{_jsonb_string(k)}: {jsonb_text(v)}" for k, v in keys) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(jsonb_text(v) for v in value) + "]"
-    return _jsonb_string(str(value))
-
-
-_JSONB_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
-                  "\t": "\\t"}
-
-
-def _jsonb_string(text: str) -> str:
-    """A JSON string as Postgres's escape_json writes it."""
-    return '"' + "".join(_JSONB_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " else c) for c in text) + '"'
-
-
-_LONG_NUMBER = re.compile(r"\d{16,}|\d[eE][+-]?\d{3,}")
-
-
-def _exact_float(text: str) -> float | Decimal:
-    f = float(text)
-    if math.isfinite(f) and Decimal(repr(f)) == Decimal(text):
-        return f
-    return Decimal(text)
-
-
-def loads_exact(text: str) -> Any:
-    """JSON text -> Python values without losing a number, for filters and user functions.
-
-    Ints of any size stay ints; a number no float holds exactly (more than ~16
-    digits, beyond ±1e308) becomes a Decimal; other numbers are floats, as
-    orjson gives them (orjson would turn the first into floats and refuse
-    ``1e400``). ValueError when the text is not JSON or nests too deeply.
-    """
-    if not _LONG_NUMBER.search(text):
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass  # e.g. deeper than orjson's 1024 levels: the careful parser below decides
-    try:
-        return json.loads(text, parse_float=_exact_float)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply to read") from None
 
 
 # ------------------------------------------------------------ scalar converters

@@ -16,7 +16,7 @@ from pgsink.engine.capture import CaptureStage, ReaderSettings
 from pgsink.engine.deliver import DeliveryStage
 from pgsink.engine.ingest import group_key
 from pgsink.engine.queue import lane_for
-from pgsink.engine.values import RawJson
+from pgsink.engine.jsontext import RawJson
 from tests.helpers import add_sink, add_source
 from tests.queue_helpers import Row, create_sink, enqueue_changes, scalar, wait_for
 from tests.receiver import Received, Receiver, start_receiver
@@ -281,7 +281,7 @@ async def test_group_key_formula_matches_capture(
         aconn: psycopg.AsyncConnection, record: dict[str, Any], columns: list[str]) -> None:
     """pgsink.change_group_key (replay) is the twin of capture's and backfill's ingest.group_key: any
     difference put a replayed message in another group and lane than the row's captured ones."""
-    from pgsink.engine.values import dumps
+    from pgsink.engine.jsontext import dumps
 
     refs = await create_sink(aconn, "http://127.0.0.1:9/hook",
                              table_options=[{"name": "orders", "group_column_names": columns}])

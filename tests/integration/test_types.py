@@ -28,7 +28,8 @@ from pgsink.engine.decode import (
     TxBegin,
     TxCommit,
 )
-from pgsink.engine.values import RawJson, TypeRegistry, dumps
+from pgsink.engine.jsontext import RawJson, dumps
+from pgsink.engine.values import TypeRegistry
 from pgsink.engine.wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
 
 pytestmark = pytest.mark.wal2json

@@ -47,7 +47,8 @@ from pgsink.engine.pgoutput import (
     Type,
     Update,
 )
-from pgsink.engine.values import RawJson, TypeRegistry, dumps
+from pgsink.engine.jsontext import RawJson, dumps
+from pgsink.engine.values import TypeRegistry
 
 T0 = datetime(2000, 1, 1, tzinfo=UTC)
 T1 = datetime(2000, 1, 1, 0, 0, 1, tzinfo=UTC)

@@ -16,7 +16,7 @@ import pytest
 from pgsink.engine import config as cfg
 from pgsink.engine import filters, userfunc
 from pgsink.engine.errors import ConfigError
-from pgsink.engine.values import RawJson
+from pgsink.engine.jsontext import RawJson
 
 ROW = {"id": 7, "status": "shipped", "amount": RawJson("150.50"), "qty": 3, "note": None, "vip": True,
        "ratio": 0.5, "doc": RawJson('{"address": {"city": "Paris", "zip": "75001"}, "tags": ["a", "b"], '

@@ -7,11 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
+from pgsink.engine.jsontext import RawJson, dumps, json_default
 from pgsink.engine.values import (
-    RawJson,
     TypeRegistry,
-    dumps,
-    json_default,
     make_array_converter,
     parse_array,
     parse_record,
@@ -340,7 +338,7 @@ def test_a_changed_composite_is_rebuilt_with_the_types_that_contain_it() -> None
 def test_loads_exact_keeps_every_number_and_dumps_writes_them_back() -> None:
     from decimal import Decimal
 
-    from pgsink.engine.values import dumps, loads_exact
+    from pgsink.engine.jsontext import loads_exact
     doc = loads_exact('{"big": 123456789012345678901234567890, "huge": 1e400, "tiny": -1e-400,'
                       ' "price": 19.99, "scaled": 1.10, "n": 7}')
     assert doc == {"big": 123456789012345678901234567890, "huge": Decimal("1e400"), "tiny": Decimal("-1e-400"),

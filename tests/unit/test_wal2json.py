@@ -35,7 +35,8 @@ from pgsink.engine.decode import (
     TxCommit,
 )
 from pgsink.engine.framing import DecodeError
-from pgsink.engine.values import RawJson, TypeRegistry, dumps
+from pgsink.engine.jsontext import RawJson, dumps
+from pgsink.engine.values import TypeRegistry
 from pgsink.engine.wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
 
 BIG = "x" * 2100
