@@ -138,8 +138,7 @@ async def replay(dsn: str, sink: str, since: datetime, until: datetime | None = 
         row = await cur.fetchone()
         target = SimpleNamespace(**row) if row else None
         if target is None or not (target.filters or target.filter_sql or target.filter_function):
-            cur = await conn.execute(QUERIES["ops_replay"], params)  # type: ignore[arg-type]
-            return int(next(iter((await cur.fetchone() or {0: 0}).values())))  # or it says what is wrong
+            return await _count(conn, "ops_replay", params)  # (pgsink.replay says what is wrong with a name)
         predicate = sink_predicate(target.filters, target.filter_sql, target.filter_function,
                                    timeout=target.function_timeout_ms / 1000, what=f"sink {target.name}: filter")
         assert predicate is not None
@@ -155,9 +154,14 @@ async def replay(dsn: str, sink: str, since: datetime, until: datetime | None = 
                     lsns.append(c["commit_lsn"])
                     idxs.append(c["commit_idx"])
                     ats.append(c["committed_at"])
-        cur = await conn.execute(QUERIES["ops_replay_changes"],  # type: ignore[arg-type]
-                                 {"sink": sink, "lsns": lsns, "idxs": idxs, "ats": ats})
-        return int(next(iter((await cur.fetchone() or {0: 0}).values())))
+        return await _count(conn, "ops_replay_changes", {"sink": sink, "lsns": lsns, "idxs": idxs, "ats": ats})
+
+
+async def _count(conn: psycopg.AsyncConnection[dict[str, Any]], name: str, params: dict[str, Any]) -> int:
+    """The single number a SQL function returned."""
+    cur = await conn.execute(QUERIES[name], params)  # type: ignore[arg-type]
+    row = await cur.fetchone()
+    return int(next(iter(row.values()))) if row else 0
 
 
 async def retry_group(dsn: str, sink: str, group_key: str) -> int:

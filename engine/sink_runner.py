@@ -83,10 +83,6 @@ async def _prepare(setup: SinkSetup, messages: list[q.QueuedMessage]) -> Prepare
     if setup.functions is None and setup.enricher is None:
         return None
     sent = {m.id for m in q.plan_batch(messages).deliver}
-
-    def _sendable(m: q.QueuedMessage) -> bool:
-        return m.id in sent
-
     enrichment: dict[int, Any] | None = None
     if setup.enricher is not None:
         keys = sorted({m.record_pk for m in messages if m.id in sent and m.record_pk is not None})
@@ -98,7 +94,7 @@ async def _prepare(setup: SinkSetup, messages: list[q.QueuedMessage]) -> Prepare
         enrichment = {m.id: rows.get(m.record_pk) for m in messages if m.record_pk is not None}
     if setup.functions is None:
         return Prepared(messages, enrichment=enrichment)
-    return setup.functions.prepare(messages, setup.ctx, _sendable, enrichment)
+    return setup.functions.prepare(messages, setup.ctx, lambda m: m.id in sent, enrichment)
 
 
 def _honour_retry_after(fate: q.FailurePlan, seconds: float) -> q.FailurePlan:
