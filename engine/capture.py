@@ -56,7 +56,7 @@ from .queries import QUERIES
 from .replication import ReplicationStream
 from .source import ensure_slot_and_publication
 from .userfunc import UserFunctionError
-from .jsontext import dumps, loads_exact
+from .jsontext import dumps, fits_numeric, loads_exact
 from .values import TypeRegistry
 from .waiting import wait_event
 from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
@@ -445,6 +445,10 @@ def _annotations(content: bytes, source_name: str) -> bytes | None:
         value = loads_exact(content.decode())
     except ValueError:  # not UTF-8, not JSON, or nested too deeply
         log.warning("source %s: transaction annotations are not JSON; ignored: %r", source_name, content[:200])
+        return None
+    if not fits_numeric(value):  # the retention log (jsonb) would refuse it, and capture would stop there
+        log.warning("source %s: transaction annotations hold a number Postgres cannot store; ignored: %r",
+                    source_name, content[:200])
         return None
     return dumps(value)
 

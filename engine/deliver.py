@@ -72,7 +72,7 @@ def _storable(text: str | None, url: str) -> str | None:
     query = urlsplit(url).query
     if query:
         text = text.replace(query, "<query hidden>")
-    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+    return q.storable(text)
 
 
 USER_ERROR_LIMIT = 16_384

@@ -22,7 +22,6 @@ changed columns, a mapping) are the two extra names, ``record.col`` and
 
 from __future__ import annotations
 
-import json
 import logging
 import operator
 import re
@@ -518,8 +517,9 @@ def retained_change_passes(predicate: Predicate, sink: Any, schema: str, table: 
                            commit_lsn: int, commit_idx: int, annotations: str | None) -> bool:
     """Whether a sink's filters keep a change of the retention log, judged as capture judged it.
 
-    The values as capture gave them to the filter (numbers exact, its timestamp
-    text); True when the filters cannot judge it, as capture then keeps it.
+    The values as close to capture's as the stored jsonb allows (numbers exact,
+    nested ones too; its timestamp text); True when the filters cannot judge
+    it, as capture then keeps it.
     Used where capture's decision must be redone: backfill's superseded check
     and replay.
     """
@@ -527,8 +527,8 @@ def retained_change_passes(predicate: Predicate, sink: Any, schema: str, table: 
         stamp = committed_at.astimezone(UTC).isoformat() if committed_at else None
         metadata = filter_metadata(sink, schema, table, stamp, commit_lsn, commit_idx,
                                    orjson.loads(annotations) if annotations else None)
-        return bool(predicate(action, json.loads(record or "null", parse_float=RawJson),
-                              json.loads(changes, parse_float=RawJson) if changes else None, metadata))
+        return bool(predicate(action, loads_exact(record or "null"), loads_exact(changes) if changes else None,
+                              metadata))
     except Exception:  # noqa: BLE001 - as capture: a change its filter could not judge was kept
         return True
 

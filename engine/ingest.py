@@ -17,12 +17,14 @@ ingest). ``ack_lsn`` only ever moves to the end of a *complete* transaction.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -82,6 +84,8 @@ def group_value_text(value: Any) -> str:
     ``(record -> column)::text``; capture and backfill must write the very
     same text, or a replayed message lands in another group and lane.
     """
+    if type(value) is RawJson:  # a json column: as jsonb, where a JSON string is taken as a string
+        value = json.loads(value.text, parse_float=Decimal)
     if type(value) is str:
         return value
     if type(value) is int:

@@ -117,7 +117,7 @@ def _jsonb_string(text: str) -> str:
     return '"' + "".join(_JSONB_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " else c) for c in text) + '"'
 
 
-_LONG_NUMBER = re.compile(r"\d{16,}|\d[eE][+-]?\d{3,}")
+_LONG_NUMBER = re.compile(r"\d(?:\.?\d){15,}|\d[eE][+-]?\d{3,}")  # 16+ digits, or an exponent past 99
 
 
 def _exact_float(text: str) -> float | Decimal:
@@ -125,6 +125,18 @@ def _exact_float(text: str) -> float | Decimal:
     if math.isfinite(f) and Decimal(repr(f)) == Decimal(text):
         return f
     return Decimal(text)
+
+
+def fits_numeric(value: Any) -> bool:
+    """Whether every number in ``value`` fits Postgres numeric input (exponent within ±1000),
+    so that jsonb can hold it; JSON can spell more (``1e1001``)."""
+    if isinstance(value, Decimal):
+        return value.is_finite() and -1000 <= value.adjusted() <= 1000
+    if isinstance(value, dict):
+        return all(fits_numeric(v) for v in value.values())
+    if isinstance(value, list):
+        return all(fits_numeric(v) for v in value)
+    return True
 
 
 def loads_exact(text: str) -> Any:

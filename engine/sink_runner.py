@@ -71,7 +71,8 @@ def stop_task(task: asyncio.Task[None]) -> None:
 
 def _internal_error(e: Exception) -> q.Attempt:
     """A failed attempt standing for a bug of ours, for the attempt log and the lane's last_error."""
-    return q.Attempt([], datetime.now(UTC), 0, None, None, f"internal error: {type(e).__name__}: {e}", False)
+    return q.Attempt([], datetime.now(UTC), 0, None, None, q.storable(f"internal error: {type(e).__name__}: {e}"),
+                     False)
 
 
 async def _prepare(setup: SinkSetup, messages: list[q.QueuedMessage]) -> Prepared | None:
@@ -207,9 +208,9 @@ class SinkRunner:
                         self._lane_work(lease), f"pgsink.deliver.{sink.name}.lane{lease.lane}")
             await wait_event(self.lane_wake, jittered(self.stage.poll_interval))
 
-    async def _quietly(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> None:
+    async def _quietly(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         try:
-            await self.stage.with_conn(fn, *args, **kwargs)
+            await self.stage.with_conn(fn, *args)
         except TRANSIENT_DB_ERRORS as e:
             log.warning("sink %s: %s failed (%s); the lease will expire", self.setup.sink.name, fn.__name__, e)
 
@@ -231,17 +232,31 @@ class SinkRunner:
         except TRANSIENT_DB_ERRORS as e:
             log.warning("sink %s lane %d: state database error (%s); the batch will be retried",
                         self.setup.sink.name, lease.lane, e)
-        except Exception as e:  # noqa: BLE001 - a bug costs this lane a back-off, not every sink an outage
-            log.exception("sink %s lane %d: unexpected error; the lane backs off and retries",
+        except Exception as e:  # noqa: BLE001 - a bug costs this lane's batch a failed attempt, not every sink
+            log.exception("sink %s lane %d: unexpected error; counted as a failed attempt of the batch",
                           self.setup.sink.name, lease.lane, extra={"sink": self.setup.sink.name})
             if current is not None:
-                delay = q.backoff_delay(current.failures + 1, self.stage.backoff_base, self.stage.backoff_cap)
-                await self._quietly(q.fail_lane, current, self.stage.owner, delay=delay, in_flight=0,
-                                    attempt=_internal_error(e))
-                self._wake_later(self.lane_wake, delay)
+                await self._after_internal_error(current, e)
         finally:
             _forget(self.lane_tasks, lease.lane)
             self.lane_wake.set()
+
+    async def _after_internal_error(self, lease: q.LaneLease, error: Exception) -> None:
+        """The lane's head batch failed on a bug of ours: a failed attempt like any other, so the batch
+        backs off, then its groups park and only the group that trips the bug stays stuck."""
+        setup, stage = self.setup, self.stage
+        attempt = _internal_error(error)
+        try:
+            messages = await self._reader(setup, lease)(lease.delivered_id, min(lease.reserved, setup.sink.batch_size))
+            if messages:
+                await self._lane_failed(setup, lease, q.plan_batch(messages), attempt)
+                return
+            delay = q.backoff_delay(lease.failures + 1, stage.backoff_base, stage.backoff_cap)
+            await stage.with_conn(q.fail_lane, lease, stage.owner, delay=delay, in_flight=0, attempt=attempt)
+            self._wake_later(self.lane_wake, delay)
+        except Exception as e:  # noqa: BLE001 - the lease expires and the lane is retried then
+            log.warning("sink %s lane %d: cannot record the failure (%s); the lease will expire",
+                        setup.sink.name, lease.lane, e)
 
     async def _lane_batch(self, lease: q.LaneLease, prefetched: list[q.QueuedMessage] | None, *, keep: bool
                           ) -> tuple[q.LaneLease | None, list[q.QueuedMessage] | None]:
@@ -416,8 +431,12 @@ class SinkRunner:
             log.exception("sink %s parked group %r: unexpected error; the group backs off and retries",
                           sink.name, lease.group_key, extra={"sink": sink.name})
             delay = q.backoff_delay(lease.attempts + 1, stage.backoff_base, stage.backoff_cap)
-            await self._quietly(q.fail_parked, lease, stage.owner, _internal_error(e), delay=delay,
-                                in_flight=lease.reserved, max_retry_count=None, moved_on=False)
+            try:
+                await stage.with_conn(q.fail_parked, lease, stage.owner, _internal_error(e), delay=delay,
+                                      in_flight=lease.reserved, max_retry_count=None, moved_on=False)
+            except Exception as again:  # noqa: BLE001 - the lease expires and the group is retried then
+                log.warning("sink %s parked group %r: cannot record the failure (%s); the lease will expire",
+                            sink.name, lease.group_key, again)
             self._wake_later(self.group_wake, delay)
         finally:
             _forget(self.group_tasks, lease.group_key)

@@ -121,6 +121,7 @@ def call(fn: Callable[..., Any], args: tuple[Any, ...], *, timeout: float, what:
         raise UserFunctionError(f"{what} raised {type(e).__name__}: {e}", traceback.format_exc()) from None
     finally:
         if armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # again: never leave a timer behind our handler
             signal.signal(signal.SIGALRM, previous_handler)
             if previous_timer[0] > 0:
                 left = previous_timer[0] - (time.monotonic() - started)

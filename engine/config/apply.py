@@ -221,6 +221,7 @@ async def apply_config(dsn: str, desired: Desired, *, prune: bool = False, creat
         return ApplyResult(plan, [])
     checks = _sources_to_check(plan, desired, current)
     created: list[tuple[Source, list[str]]] = []
+    committed = False
     try:
         warnings = await _prepare_sources(checks, created)
         async with connection(dsn, autocommit=True) as conn:
@@ -234,9 +235,11 @@ async def apply_config(dsn: str, desired: Desired, *, prune: bool = False, creat
                     raise ConfigError("The config changed while it was being applied; run the command again.")
                 await _write(conn, plan)
                 await conn.execute(QUERIES["config_notify"], {"what": "apply"})
-    except BaseException:  # nothing was written: drop the slots and publications this run made
-        for src, made in created:
-            await source_checks.undo_created(src, made)
+            committed = True
+    except BaseException:
+        if not committed:  # nothing was written: drop the slots and publications this run made
+            for src, made in created:
+                await source_checks.undo_created(src, made)
         raise
     return ApplyResult(plan, warnings)
 

@@ -367,14 +367,21 @@ where sink_id = %(sink_id)s and group_key = %(group_key)s and lease_owner = %(ow
 -- name: renew_lane_leases
 -- Extends the leases this owner still holds; returns the others, with whether another owner
 -- holds them now (else the lease ended: released by its own task as it finished, or taken by
--- another worker after it expired and released again).
+-- another worker after it expired and released again). A lane row locked meanwhile (an ack in
+-- progress, a retry_message left open in someone's transaction) is renewed next time: waiting
+-- for it would hold up every other renewal until all those leases expired.
 with held as (
     select * from unnest(%(sink_ids)s::uuid[], %(lanes)s::smallint[]) as h(sink_id, lane)
+), free as (
+    select l.sink_id, l.lane
+    from pgsink.lanes l join held h on l.sink_id = h.sink_id and l.lane = h.lane
+    where l.lease_owner = %(owner)s
+    for no key update of l skip locked
 ), renewed as (
     update pgsink.lanes l
     set lease_expires = now() + make_interval(secs => %(lease_seconds)s)
-    from held h
-    where l.sink_id = h.sink_id and l.lane = h.lane and l.lease_owner = %(owner)s
+    from free f
+    where l.sink_id = f.sink_id and l.lane = f.lane
     returning l.sink_id
 )
 select l.sink_id, l.lane, l.lease_owner is not null
@@ -385,11 +392,16 @@ where l.lease_owner is distinct from %(owner)s
 -- As renew_lane_leases, for parked groups.
 with held as (
     select * from unnest(%(sink_ids)s::uuid[], %(group_keys)s::text[]) as h(sink_id, group_key)
+), free as (
+    select g.sink_id, g.group_key
+    from pgsink.parked_groups g join held h on g.sink_id = h.sink_id and g.group_key = h.group_key
+    where g.lease_owner = %(owner)s
+    for no key update of g skip locked
 ), renewed as (
     update pgsink.parked_groups g
     set lease_expires = now() + make_interval(secs => %(lease_seconds)s)
-    from held h
-    where g.sink_id = h.sink_id and g.group_key = h.group_key and g.lease_owner = %(owner)s
+    from free f
+    where g.sink_id = f.sink_id and g.group_key = f.group_key
     returning g.sink_id
 )
 select g.sink_id, g.group_key, g.lease_owner is not null

@@ -578,10 +578,11 @@ async def test_a_sink_whose_config_cannot_be_used_leaves_the_others_flowing(
     assert await scalar(aconn, "select count(*) from pgsink.attempts where sink_id = %s", broken.sink_id) == 0
 
 
-async def test_an_unexpected_error_backs_one_lane_off_and_the_stage_goes_on(
+async def test_an_unexpected_error_fails_the_batch_like_any_failure_and_the_stage_goes_on(
         fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bug of ours hit by one sink's batch is an internal-error attempt and a back-off for that lane
-    (visible in attempts and lanes.last_error); it used to stop the stage and every sink with it."""
+    """A bug of ours hit by one sink's batch is an internal-error attempt of that batch (visible in attempts
+    and lanes.last_error): it backs off, then its groups park, as for any failing batch. It used to stop
+    the stage and every sink with it."""
     from pgsink.engine import sink_runner
 
     real = sink_runner._prepare
@@ -605,13 +606,15 @@ async def test_an_unexpected_error_backs_one_lane_off_and_the_stage_goes_on(
         (broken.sink_id, '{"backfill_id": "b", "table_schema": "public", "table_name": "t", "record_pk": "1",'
                          ' "record": {"id": 1}}'))
 
-    async def failed_twice() -> bool:
+    async def failed_then_parked() -> bool:
+        """The lane's batch failed like any failing batch, then its group was parked; the parked group failed too."""
         return bool(await scalar(
-            aconn, "select count(*) filter (where group_key is null) >= 2 and count(*) filter (where group_key = 'p')"
-                   " >= 2 from pgsink.attempts where sink_id = %s and error = 'internal error: RuntimeError: a bug'",
-            broken.sink_id))
+            aconn, "select count(*) filter (where group_key is null) >= 3 and count(*) filter (where group_key = 'p')"
+                   " >= 2 and exists (select 1 from pgsink.parked_messages where sink_id = %s and group_key = 'b')"
+                   " from pgsink.attempts where sink_id = %s and error = 'internal error: RuntimeError: a bug'",
+            broken.sink_id, broken.sink_id))
     async with running(stage_for(fresh_db)):
-        await wait_for(failed_twice, what="two internal-error attempts of the broken sink")
+        await wait_for(failed_then_parked, what="internal-error attempts, then the broken batch's group parked")
         await enqueue_changes(aconn, good.sink_id, seq_rows(["g"], 1))
         await receiver.wait_until(lambda: len(receiver.delivered()) == 2)
     assert await scalar(aconn, "select last_error from pgsink.lanes where sink_id = %s",

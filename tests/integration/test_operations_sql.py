@@ -276,6 +276,7 @@ async def test_replay_follows_the_sink_tables_actions_and_grouping(
     ({"a": 1e300, "b": -0.0, "c": 1e-7, "d": 123.0}, ["a", "b", "c", "d"]),  # float8 columns
     ({"a": RawJson('{"zz": 1.50, "b": "q\\"\\u0001\\u00e9\\n", "b": 2, "é": [1e2]}')}, ["a"]),  # json column
     ({"a": {"long key": 1, "k": {"x": "y"}}, "b": Decimal("1E+3")}, ["a", "b"]),
+    ({"a": RawJson('"abc"'), "b": RawJson("[1, 2]")}, ["a", "b"]),  # json columns holding a string, a list
 ])
 async def test_group_key_formula_matches_capture(
         aconn: psycopg.AsyncConnection, record: dict[str, Any], columns: list[str]) -> None:

@@ -453,3 +453,26 @@ async def test_a_lane_unparking_a_group_racing_retry_message_keeps_the_group(
         conn, ls, "w1", last_id=plan.last_id, attempt=ok_attempt(ids), unpark_keys=plan.unpark_keys))
     assert acked is True
     await _retried_message_keeps_its_group(aconn)
+
+
+async def test_renewal_passes_over_a_lane_someone_holds_locked(fresh_db: str, aconn: psycopg.AsyncConnection) -> None:
+    """A `begin; select pgsink.retry_message(...)` left open in psql locks its lane row (and its group's):
+    renewal used to wait for it, holding up every other lease of the worker until they all expired."""
+    refs = await setup_sink(aconn, lane_count=2, batch_size=10)
+    await _discarded_group(aconn, refs)
+    await enqueue_changes(aconn, refs.sink_id, rows(["a", "b", "c", "d"]))
+    got = await lease(aconn, refs, "w1", lease_seconds=1)
+    assert {ls.lane for ls in got} == {0, 1}
+    [g] = await q.lease_parked_groups(aconn, sink_id=refs.sink_id, batch_size=10, max_ack_pending=100, owner="w1",
+                                      max_groups=8, lease_seconds=1)
+    other = await psycopg.AsyncConnection.connect(fresh_db, autocommit=True)
+    try:
+        async with other.transaction():
+            await other.execute("select pgsink.retry_message('orders_webhook', 0)")  # locks lane 0 and group k
+            lost = await asyncio.wait_for(q.renew_leases(
+                aconn, "w1", 60, [(refs.sink_id, ls.lane) for ls in got], [(refs.sink_id, g.group_key)]), 10)
+            assert lost == ({}, {})  # none is reported lost
+            assert await scalar(aconn, "select lease_expires > now() + interval '50 s' from pgsink.lanes"
+                                       " where sink_id = %s and lane = 1", refs.sink_id)  # the free one renewed
+    finally:
+        await other.close()

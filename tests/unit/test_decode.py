@@ -509,3 +509,14 @@ def test_a_new_feed_resumes_a_paused_replay_first() -> None:
     assert d.pending
     assert [type(e) for e in d.resume()] == [RowChange, TxCommit, LogicalMessage]
     assert not d.pending
+
+
+def test_annotations_that_jsonb_cannot_hold_are_ignored_not_fatal() -> None:
+    """1e1001 is JSON but beyond Postgres numeric: written to the retention log it failed the capture
+    transaction on every restart."""
+    from pgsink.engine.capture import _annotations
+
+    assert _annotations(b'{"user": "ann", "x": 1e400}', "src") == b'{"user":"ann","x":1E+400}'
+    assert _annotations(b'{"x": 1e1001}', "src") is None
+    assert _annotations(b'{"x": [1, {"y": -1e-1001}]}', "src") is None
+    assert _annotations(b"not json", "src") is None

@@ -381,3 +381,23 @@ def test_a_json_document_python_cannot_hold_fails_the_filter_not_the_reader() ->
     deep = {"doc": RawJson("[" * 5000 + "]" * 5000)}
     with pytest.raises(userfunc.UserFunctionError, match="cannot read"):
         filters.column_filter({"column_name": "doc", "operator": "is not null"})(deep)
+
+
+def test_a_retained_change_is_judged_as_capture_judged_it(tmp_path: Path) -> None:
+    """Replay and backfill redo capture's decision from the stored jsonb: numbers nested in a json column
+    are plain numbers, as capture gave them, not objects a user's comparison would trip on."""
+    from types import SimpleNamespace
+
+    hook = tmp_path / "f.py"
+    hook.write_text("def filter(action, record, changes, metadata):\n"
+                    "    return record['payload']['price'] > 100 and metadata['consumer']['name'] == 's'\n")
+    pred = filters.sink_predicate([], None, str(hook))
+    assert pred is not None
+    sink = SimpleNamespace(id="x", name="s", annotations={})
+
+    def judged(record: str) -> bool:
+        return filters.retained_change_passes(pred, sink, "public", "t", "insert", record, None, None, 1, 0, None)
+
+    assert judged('{"payload": {"price": 150.5}}') is True
+    assert judged('{"payload": {"price": 5}}') is False
+    assert judged('{"payload": null}') is True  # the filter raised: kept, as capture keeps it

@@ -347,6 +347,8 @@ def test_loads_exact_keeps_every_number_and_dumps_writes_them_back() -> None:
     assert loads_exact(dumps(doc).decode()) == doc
     assert dumps(doc).startswith(b'{"big":123456789012345678901234567890,"huge":1E+400,"tiny":-1E-400,')
     assert dumps([[2 ** 64, -(2 ** 63) - 1]]) == b"[[18446744073709551616,-9223372036854775809]]"
+    assert loads_exact("[12345678.123456789, -9999999.99999999999]") == [
+        Decimal("12345678.123456789"), Decimal("-9999999.99999999999")]  # digits split by the point count too
     with pytest.raises(ValueError, match="nested too deeply"):
         loads_exact("[" * 5000 + "]" * 5000)
     with pytest.raises(ValueError):
