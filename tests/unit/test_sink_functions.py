@@ -65,8 +65,8 @@ def test_a_transform_calling_sys_exit_fails_its_message(tmp_path: Path) -> None:
 
 def test_a_slow_batch_is_cut_once_its_functions_used_their_time(tmp_path: Path) -> None:
     """Functions run on the event loop: a long batch is cut so that leases get renewed."""
-    # ok-sleep: the user function is slow on purpose; nothing waits on it
-    functions = _transform(tmp_path, "    time.sleep(0.03)\n    return record\n")
+    # the user function is slow on purpose; nothing waits on it
+    functions = _transform(tmp_path, "    time.sleep(0.03)\n    return record\n")  # ok-sleep
     prepared = functions.prepare([msg(i, "k" + str(i)) for i in range(1, 11)], CTX, _always, budget=0.05)
     assert prepared.error is None
     assert 2 <= len(prepared.messages) < 10 and sorted(prepared.bodies) == [m.id for m in prepared.messages]
