@@ -101,8 +101,9 @@ def jsonb_text(value: Any) -> str:
             raise ValueError(f"{value} has no JSON form")
         return format(number.copy_abs() if number.is_zero() else number, "f")  # numeric has no -0
     if isinstance(value, dict):
-        keys = sorted({str(k): v for k, v in value.items()}.items(), key=lambda kv: (len(kv[0].encode()), kv[0].encode()))
-        return "{" + ", ".join(f"{_jsonb_string(k)}: {jsonb_text(v)}" for k, v in keys) + "}"
+        items = sorted({str(k): v for k, v in value.items()}.items(),
+                       key=lambda kv: (len(kv[0].encode()), kv[0].encode()))
+        return "{" + ", ".join(f"{_jsonb_string(k)}: {jsonb_text(v)}" for k, v in items) + "}"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(jsonb_text(v) for v in value) + "]"
     return _jsonb_string(str(value))
