@@ -15,7 +15,8 @@ from pgsink.engine.errors import PgsinkError
 from pgsink.engine.model import Config, Source
 
 from .common import DatabaseUrl, console, dsn, err_console, run
-from .config_common import (default_object_name, join_list, kv_table, load_config, new_table, pairs, print_out, run_config, run_quiet, warn)
+from .config_common import (default_object_name, join_list, kv_table, load_config, new_table, pairs, print_out,
+                            run_config, run_quiet, warn)
 
 source_app = typer.Typer(help="Source databases: where changes are captured.", no_args_is_help=True)
 

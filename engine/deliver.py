@@ -75,6 +75,17 @@ def _storable(text: str | None, url: str) -> str | None:
     return q.storable(text)
 
 
+def _stop_lost(tasks: dict[tuple[UUID, Any], asyncio.Task[None]], lost: dict[tuple[UUID, Any], bool],
+               what: str) -> None:
+    """Stop the task of each lease no longer ours (``lost``: whether another worker holds it now)."""
+    for (sink_id, key), taken in lost.items():
+        task = tasks[(sink_id, key)]
+        if taken and not task.done():
+            log.warning("lease of %s %r of sink %s was taken by another worker; stopping its delivery here",
+                        what, key, sink_id)
+        stop_task(task)
+
+
 USER_ERROR_LIMIT = 16_384
 """Characters of a user function's error and traceback kept in the attempt row."""
 
@@ -417,18 +428,8 @@ class DeliveryStage:
             # a task whose lease is no longer ours stops: another worker holds it, or held it and sent
             # its batches meanwhile, and a request still in flight here must not race those (a task
             # that released its own lease as it finished is at its end anyway)
-            for (sink_id, lane), taken in lost_lanes.items():
-                task = lanes[(sink_id, lane)]
-                if taken and not task.done():
-                    log.warning("lease of lane %s of sink %s was taken by another worker; stopping its"
-                                " delivery here", lane, sink_id)
-                stop_task(task)
-            for (sink_id, key), taken in lost_groups.items():
-                task = groups[(sink_id, key)]
-                if taken and not task.done():
-                    log.warning("lease of parked group %r of sink %s was taken by another worker; stopping its"
-                                " delivery here", key, sink_id)
-                stop_task(task)
+            _stop_lost(lanes, lost_lanes, "lane")
+            _stop_lost(groups, lost_groups, "parked group")
 
     async def _shutdown(self) -> None:
         """Stop claiming, give in-flight requests the grace period, then release our leases."""
