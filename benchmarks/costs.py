@@ -28,7 +28,7 @@ import psycopg
 from pgsink.engine import model
 from pgsink.engine.capture import SESSION_OPTIONS, SourceReader
 from pgsink.engine.decode import PgoutputDecoder, RowChange
-from pgsink.engine.framing import XLogData, parse_copy_data
+from pgsink.engine.framing import XLogData, parse_copy_data, xlog_payload
 from pgsink.engine.embedded import EmbeddedPostgres
 from pgsink.engine.ingest import IngestBuffer, Position
 from pgsink.engine.replication import ReplicationStream
@@ -105,10 +105,10 @@ async def _reader_costs(dsn: str, source_id: UUID, end_lsn: int) -> dict[str, An
                 n = 0
                 started = time.process_time()
                 for raw in frames:
-                    frame = parse_copy_data(raw)
-                    if not isinstance(frame, XLogData):
+                    payload = xlog_payload(raw)
+                    if payload is None:
                         continue
-                    for event in decoder.feed(frame.payload):
+                    for event in decoder.feed(payload):
                         if decode_only:
                             n += type(event) is RowChange
                         elif type(event) is RowChange and tx is not None and not event.unchanged_toast:

@@ -34,11 +34,7 @@ from .decode import (
     TxBegin,
     TxCommit,
 )
-from .framing import (
-    XLogData,
-    parse_copy_data,
-    standby_status_update,
-)
+from .framing import parse_copy_data, standby_status_update, xlog_payload
 from .errors import PgsinkError
 from .filters import Predicate, filter_metadata, sink_predicate
 from .ingest import (
@@ -232,9 +228,9 @@ class SourceReader:
                 # per-message work in the loop; the checks below run once per burst.
                 burst = 0
                 while raw is not None:
-                    frame = parse_copy_data(raw)
-                    if type(frame) is XLogData:
-                        events = decoder.feed(frame.payload)
+                    payload = xlog_payload(raw)
+                    if payload is not None:
+                        events = decoder.feed(payload)
                         while True:
                             for event in events:
                                 if type(event) is RowChange and tx is not None and not event.unchanged_toast:
@@ -246,7 +242,8 @@ class SourceReader:
                             if not decoder.pending:
                                 break
                             events = decoder.resume()  # the types it paused for are loaded now
-                    else:  # Keepalive
+                    else:  # Keepalive (or a malformed message, which parse_copy_data reports)
+                        frame = parse_copy_data(raw)
                         server_pos = max(server_pos, frame.wal_end)
                         if frame.reply_requested:
                             last_status = -1e9  # answer at once, below

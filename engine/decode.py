@@ -46,6 +46,7 @@ from .pgoutput import (
     Insert,
     Message,
     PgoutputParser,
+    PlainRecordReader,
     RawMessage,
     Relation,
     StreamAbort,
@@ -56,7 +57,7 @@ from .pgoutput import (
     Tuple,
     Type,
     Update,
-    read_plain_record,
+    make_plain_record_reader,
     read_tuple,
 )
 from .values import Converter, TypeRegistry
@@ -204,10 +205,15 @@ def _text_values(values: Tuple) -> list[Any]:
     return [("\\x" + v.hex()) if type(v) is bytes else v for v in values]
 
 
+def _never_plain(buf: bytes, pos: int, end: int) -> None:
+    """The record reader of a relation whose converters are not known yet."""
+    return None
+
+
 class _Rel:
     """A relation as the last Relation message described it, plus cached converters."""
 
-    __slots__ = ("msg", "schema", "names", "type_oids", "flagged", "convs", "keys", "version")
+    __slots__ = ("msg", "schema", "names", "type_oids", "flagged", "convs", "read_plain", "keys", "version")
 
     def __init__(self, msg: Relation) -> None:
         self.msg = msg
@@ -216,6 +222,7 @@ class _Rel:
         self.type_oids = tuple(c.type_oid for c in msg.columns)
         self.flagged = tuple(c.name for c in msg.columns if c.is_key)
         self.convs: tuple[Converter | None, ...] = ()
+        self.read_plain: PlainRecordReader = _never_plain
         self.keys: tuple[str, ...] = ()
         self.version = -1
 
@@ -344,6 +351,7 @@ class PgoutputDecoder:
         if rel.version != self.types.version:
             types = self.types
             rel.convs = tuple(types.converter(t) for t in rel.type_oids)
+            rel.read_plain = make_plain_record_reader(rel.names, rel.convs)
             info = types.relation(oid)
             if info is not None:
                 rel.keys = info.key_columns
@@ -368,7 +376,7 @@ class PgoutputDecoder:
         marker = buf[5]
         if marker == _NEW and kind != b"D":  # insert, or update without an old tuple: the most common rows
             rel = self._rel(oid)
-            fast = read_plain_record(buf, 6, end, rel.names, rel.convs)
+            fast = rel.read_plain(buf, 6, end)
             if fast is not None:
                 out: list[Event] = []
                 self._tx_started(out)

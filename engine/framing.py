@@ -76,6 +76,17 @@ _KEEPALIVE = struct.Struct(">Qq?")
 _STATUS = struct.Struct(">cQQQq?")
 
 
+def xlog_payload(buf: bytes) -> bytes | None:
+    """The payload of an XLogData message, or None for anything else (parse that with parse_copy_data).
+
+    The reader's hot path: once per change, where building an XLogData costs
+    more than the check.
+    """
+    if buf[:1] == b"w" and len(buf) >= _XLOG_HEADER.size + 1:
+        return buf[_XLOG_HEADER.size + 1:]
+    return None
+
+
 def parse_copy_data(buf: bytes) -> XLogData | Keepalive:
     """One CopyData payload of a START_REPLICATION stream."""
     kind = buf[:1]

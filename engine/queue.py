@@ -20,9 +20,9 @@ This module holds the statements and the pure decisions about a batch
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
+import struct
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +33,13 @@ from uuid import UUID
 import psycopg
 
 from .queries import QUERIES
+
+try:  # CPython's own MD5: 0.4 µs a key against 1.2 µs through OpenSSL's hashlib.md5 (the set-up dominates)
+    from _md5 import md5 as _md5
+except ImportError:  # a build without it
+    from hashlib import md5 as _md5
+
+_LANE_HASH = struct.Struct(">I").unpack_from
 
 log = logging.getLogger("pgsink.queue")
 
@@ -54,7 +61,7 @@ SYNTHETIC_GROUP_PREFIX = "pgsink:message:"
 
 def lane_for(group_key: str, lane_count: int) -> int:
     """The lane of a group key; the Python twin of SQL ``pgsink.lane_for``."""
-    return int.from_bytes(hashlib.md5(group_key.encode()).digest()[:4], "big") % lane_count
+    return _LANE_HASH(_md5(group_key.encode()).digest())[0] % lane_count
 
 
 def storable(text: str | None) -> str | None:

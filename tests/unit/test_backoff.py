@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 from types import SimpleNamespace
 from typing import Any
@@ -62,6 +63,9 @@ def test_lane_for_is_stable_and_in_range() -> None:
     assert lane_for("1234", 64) == lane_for("1234", 64)
     assert all(0 <= lane_for(str(i), 7) < 7 for i in range(1000))
     assert len({lane_for(str(i), 64) for i in range(2000)}) == 64
+    # the first 4 bytes of the key's MD5, big-endian, as SQL pgsink.lane_for computes it
+    for key in ("public.t:1", "public.t:é,\u4e2d", ""):
+        assert lane_for(key, 1000) == int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % 1000
     assert message_lane(130, None, 64) == 2
     assert message_lane(130, "k", 64) == lane_for("k", 64)
 

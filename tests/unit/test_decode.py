@@ -17,6 +17,7 @@ from pgsink.engine.decode import (
     TableTruncate,
     TxBegin,
     TxCommit,
+    convert_row,
 )
 from pgsink.engine.framing import (
     DecodeError,
@@ -29,6 +30,7 @@ from pgsink.engine.framing import (
     standby_status_update,
 )
 from pgsink.engine.pgoutput import (
+    PAD,
     UNCHANGED_TOAST,
     Begin,
     Column,
@@ -46,9 +48,10 @@ from pgsink.engine.pgoutput import (
     Truncate,
     Type,
     Update,
+    make_plain_record_reader,
 )
 from pgsink.engine.jsontext import RawJson, dumps
-from pgsink.engine.values import TypeRegistry
+from pgsink.engine.values import BUILTIN_CONVERTERS, TypeRegistry
 
 T0 = datetime(2000, 1, 1, tzinfo=UTC)
 T1 = datetime(2000, 1, 1, 0, 0, 1, tzinfo=UTC)
@@ -520,3 +523,45 @@ def test_annotations_that_jsonb_cannot_hold_are_ignored_not_fatal() -> None:
     assert _annotations(b'{"x": 1e1001}', "src") is None
     assert _annotations(b'{"x": [1, {"y": -1e-1001}]}', "src") is None
     assert _annotations(b"not json", "src") is None
+
+
+def _tuple_data(values: list[bytes | None | str]) -> bytes:
+    """TupleData: 't' + length + text, 'n' for None, 'u' for the string "u"."""
+    out = len(values).to_bytes(2, "big")
+    for v in values:
+        if v is None:
+            out += b"n"
+        elif v == "u":
+            out += b"u"
+        else:
+            assert isinstance(v, bytes)
+            out += b"t" + len(v).to_bytes(4, "big") + v
+    return out
+
+
+def test_generated_record_reader_matches_the_careful_path() -> None:
+    # column names that would break pasted source code; int, numeric, jsonb, timestamptz, text[], text
+    names = ('id', "it's", 'a"b', "x\n}", "{name0: 1}", "é")
+    convs = tuple(BUILTIN_CONVERTERS.get(oid) for oid in (20, 1700, 3802, 1184, 1009, 25))
+    read = make_plain_record_reader(names, convs)
+    rows: list[list[bytes | None | str]] = [
+        [b"1", b"12.50", b'{"a": [1, 2]}', b"2024-01-02 03:04:05.5+00", b'{a,"b,c",NULL}', "é\\t".encode()],
+        [None, None, None, None, None, None],
+        [b"-9223372036854775808", b"NaN", b"null", b"infinity", b"{}", b""],
+    ]
+    for row in rows:
+        payload = _tuple_data(row) + PAD
+        texts = [v.decode() if isinstance(v, bytes) else v for v in row]
+        assert read(payload, 0, len(payload) - len(PAD)) == convert_row(names, convs, texts)[0]
+    # anything unusual is left to the careful path: None
+    odd = [
+        _tuple_data([b"1", None, None, None, None, "u"]),           # unchanged TOAST
+        _tuple_data([b"1", None, None, None, None]),                # a column short
+        _tuple_data([b"x1", None, None, None, None, None]),         # an int that is not one
+        _tuple_data([b"1", None, None, None, None, b"\xff"]),       # not UTF-8
+        _tuple_data([b"1", None, None, None, None, b"abc"])[:-1],   # truncated
+        _tuple_data([b"1", None, None, None, None, None])[:-1] + b"b\x00\x00\x00\x00",  # binary
+    ]
+    for data in odd:
+        payload = data + PAD
+        assert read(payload, 0, len(data)) is None, data
