@@ -245,7 +245,8 @@ def make_plain_record_reader(names: Sequence[str], convs: Sequence[Converter | N
              f"    if ((buf[pos] << 8) | buf[pos + 1]) != {len(names)}:",
              "        return None",
              "    pos += 2",
-             "    try:"]
+             "    try:",
+             "        pass"]  # a relation may have no columns
     for i, (name, conv) in enumerate(zip(names, convs, strict=True)):
         env[f"name{i}"], env[f"conv{i}"] = name, conv
         if conv is None:

@@ -565,3 +565,5 @@ def test_generated_record_reader_matches_the_careful_path() -> None:
     for data in odd:
         payload = data + PAD
         assert read(payload, 0, len(data)) is None, data
+    no_columns = _tuple_data([]) + PAD
+    assert make_plain_record_reader((), ())(no_columns, 0, 2) == {}
