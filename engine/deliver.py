@@ -247,9 +247,11 @@ class DeliveryStage:
             url = join_url(endpoint.url, route.endpoint_path)
         if endpoint is not None and endpoint.rate_limit is not None:
             await self._wait_for_rate(endpoint)
+        # every request says what it carries, signed or not: a transformed body may have dropped the keys
+        msg_id = (idempotency_key(messages[0]) if len(messages) == 1
+                  else batch_id([idempotency_key(m) for m in messages]))
+        headers["webhook-id"] = msg_id
         if endpoint is not None and endpoint.signing is not None:  # after any wait: a fresh timestamp
-            msg_id = (idempotency_key(messages[0]) if len(messages) == 1
-                      else batch_id([idempotency_key(m) for m in messages]))
             headers.update(sign_headers(endpoint.signing.live_keys(time.time()), msg_id, plain))
         timeout_ms = setup.sink.request_timeout_ms
         started = datetime.now(UTC)

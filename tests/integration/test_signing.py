@@ -109,6 +109,8 @@ async def test_single_and_batched_requests_are_signed_and_verify(
     with pytest.raises(WebhookVerificationError):
         verify(s_secret, many)  # each endpoint has its own secret
     assert "webhook-signature" not in by_path["/plain"].headers  # signing is opt-in
+    # the idempotency key travels in a header either way (a transformed body may not carry it)
+    assert by_path["/plain"].headers["webhook-id"] == by_path["/plain"].messages[0]["metadata"]["idempotency_key"]
 
 
 async def test_gzip_bodies_are_signed_before_compression(fresh_db: str, aconn: psycopg.AsyncConnection) -> None:

@@ -108,6 +108,10 @@ async def test_path_transforms_single_and_batched(
     assert sorted(by_path["/city"], key=str) == sorted(["Paris", "Lyon", None], key=str)
     assert sorted(b["id"] for b in by_path["/whole"]) == [1, 2, 3]
     assert all(set(b) == {"id", "address"} for b in by_path["/whole"])  # the record alone, no envelope
+    # the body lost the idempotency keys; the webhook-id header carries them, one per change, unsigned
+    city_ids = {h.headers["webhook-id"] for h in recorder.hits if h.path == "/city"}
+    assert len(city_ids) == 3 and not any(i.startswith("batch_") for i in city_ids)
+    assert [h.headers["webhook-id"].startswith("batch_") for h in recorder.hits if h.path == "/ids"] == [True]
 
 
 async def _hits_at_least(r: Recorder, n: int) -> bool:
