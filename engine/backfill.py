@@ -363,18 +363,28 @@ class BackfillStage:
 
     async def _enqueue(self, state: psycopg.AsyncConnection, job: Job, page: Page, table_oid: int,
                        source_id: UUID, next_size: int) -> None:
-        """One state transaction: enqueue lock, drop superseded rows, enqueue + cursor (see module doc)."""
+        """One state transaction: enqueue lock, drop superseded rows, enqueue + cursor (see module doc).
+
+        The sink's filters are user code, and capture waits for the enqueue
+        lock: the changes already captured are judged before taking it, and
+        under it only those captured since.
+        """
+        # JSON arrays, not text[]: no per-element escaping on either side
+        pks = dumps(page.record_pks).decode()
+        judged: dict[RecentChange, bool] = {}
+        if self._predicate is not None:
+            judged = {c: self._was_sent(job, c)
+                      for c in await self._recent_changes(state, page, pks, table_oid, source_id)}
         try:
             async with state.transaction():
                 await state.execute(QUERIES["backfill_lock_sink"], {"sink_id": job.sink_id})
-                # JSON arrays, not text[]: no per-element escaping on either side
-                pks = dumps(page.record_pks).decode()
-                cur = await state.execute(QUERIES["backfill_recent_changes"], {
-                    "source_id": source_id, "table_oid": table_oid, "record_pks": pks,
-                    "since": page.read_at - self.visibility_margin, "filtered": self._predicate is not None},
-                    prepare=False)
-                superseded = {r[0] for r in await cur.fetchall()
-                              if not page.snapshot.sees(r[1]) and self._was_sent(job, RecentChange(*r))}
+                superseded = set()
+                for change in await self._recent_changes(state, page, pks, table_oid, source_id):
+                    sent = judged.get(change)
+                    if sent is None:
+                        sent = self._was_sent(job, change)
+                    if sent:
+                        superseded.add(change.record_pk)
                 records, group_keys = page.records, page.group_keys
                 if superseded:
                     keep = [i for i, pk in enumerate(page.record_pks) if pk not in superseded]
@@ -389,6 +399,15 @@ class BackfillStage:
             raise JobLost(str(e)) from None
         if superseded:
             log.debug("backfill %s: %d row(s) superseded by newer captured changes", job.id, len(superseded))
+
+    async def _recent_changes(self, state: psycopg.AsyncConnection, page: Page, pks: str, table_oid: int,
+                              source_id: UUID) -> list[RecentChange]:
+        """Captured changes of the page's rows that its snapshot did not see (candidates to supersede a read)."""
+        cur = await state.execute(QUERIES["backfill_recent_changes"], {
+            "source_id": source_id, "table_oid": table_oid, "record_pks": pks,
+            "since": page.read_at - self.visibility_margin, "filtered": self._predicate is not None},
+            prepare=False)
+        return [RecentChange(*r) for r in await cur.fetchall() if not page.snapshot.sees(r[1])]
 
 
 def _log_listener_failure(task: asyncio.Task[None]) -> None:

@@ -253,6 +253,50 @@ async def test_a_change_the_sink_never_gets_does_not_drop_the_read(
     assert not [m for m in receiver.delivered() if m["action"] == "update"]  # the sink never took it
 
 
+class _JudgeOutsideTheLock(_UpdateAfterFirstPage):
+    """Notes, each time a captured change is judged against the sink's filters, whether the
+    backfill holds the sink's enqueue lock (which capture waits for) at that moment."""
+
+    def __init__(self, dsn: str, row_id: int) -> None:
+        super().__init__(dsn, row_id)
+        self.locked_while_judging: list[bool] = []
+        self.state_pid = 0
+
+    async def _enqueue(self, state: psycopg.AsyncConnection, *args: Any) -> None:
+        self.state_pid = state.info.backend_pid
+        await super()._enqueue(state, *args)
+
+    def _was_sent(self, job: Any, change: Any) -> bool:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            held = conn.execute("select count(*) from pg_locks where locktype = 'advisory' and pid = %s",
+                                (self.state_pid,)).fetchone()[0]  # type: ignore[index]
+        self.locked_while_judging.append(held > 0)
+        return super()._was_sent(job, change)
+
+
+async def test_filters_judge_superseding_changes_outside_the_enqueue_lock(
+        fresh_db: str, aconn: psycopg.AsyncConnection, receiver: Receiver) -> None:
+    await aconn.execute("create table items (id int primary key, n int not null, note text)")
+    await aconn.execute("insert into items select g, 0, 'v0' from generate_series(1, 300) g")
+    source_id = await add_source(aconn, fresh_db)
+    await add_sink(aconn, source_id, url=receiver.url, batch_size=50, filters=json.dumps(
+        [{"column_name": "note", "operator": "!=", "comparison_value": "never"}]))
+    stage = _JudgeOutsideTheLock(fresh_db, row_id=7)
+    async with stages(CaptureStage(fresh_db, settings=READER), delivery(fresh_db)):
+        await wait_for(lambda: scalar(aconn, "select count(*) = 1 from pg_replication_slots where active"),
+                       what="the reader to stream")
+        await aconn.execute("select pgsink.start_backfill('sink', 'items', p_page_size => 100)")
+        async with stages(stage):
+            await wait_for(lambda: scalar(aconn, "select state = 'completed' from pgsink.backfills"),
+                           timeout=60, what="the backfill")
+        await receiver.wait_until(lambda: len(reads(receiver)) >= 299, timeout=30, what="the reads")
+        await receiver.wait_until(lambda: any(m["action"] == "update" for m in receiver.delivered()),
+                                  timeout=30, what="the update")
+    # the update passed the filter, so it superseded the read of row 7 (judged once, without the lock)
+    assert sorted(m["record"]["id"] for m in reads(receiver)) == [i for i in range(1, 301) if i != 7]
+    assert stage.locked_while_judging == [False]
+
+
 def test_snapshot_visibility_with_32_bit_xids() -> None:
     s = Snapshot.parse("100:110:103,105")
     assert s.sees(99) and s.sees(104) and not s.sees(103) and not s.sees(110) and not s.sees(200)
