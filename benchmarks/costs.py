@@ -131,11 +131,8 @@ async def _reader_costs(dsn: str, source_id: UUID, end_lsn: int) -> dict[str, An
 
 
 def _copy_text(buffer: IngestBuffer) -> int:
-    """What a flush builds before writing: both COPY texts of the buffered changes."""
-    batch = buffer.detach()
-    buffer._changes_copy_data(batch.changes)
-    buffer._messages_copy_data(batch.changes)
-    return len(batch.changes)
+    """What a flush takes: both COPY texts of the buffered changes (the reader builds them as it goes)."""
+    return len(buffer.detach().changes)
 
 
 def _copy_costs(dsn: str, source_id: UUID, sink_id: UUID, rows: int) -> dict[str, float]:

@@ -115,6 +115,10 @@ class Batch:
     previous: Position    # the checkpoint the transaction expects to find (the fence)
     checkpoint: Position  # the checkpoint it writes
     ack_lsn: int          # what may be acknowledged to the slot once it committed
+    changes_data: bytes = b""       # the changes as pgsink.changes COPY text
+    messages_data: bytes = b""      # their queue rows as pgsink.messages COPY text
+    n_messages: int = 0
+    sink_ids: tuple[str, ...] = ()  # the sinks it enqueues to (whose enqueue locks it takes), sorted
 
 
 class MissingPartition(PgsinkError):
@@ -137,6 +141,12 @@ class IngestBuffer:
     _message_id_limit: int = 0
     _ids_estimate: int = 0
     _round_robin: int = 0
+    # COPY text of changes[:_prepared] (see prepare), with their queue rows' count and sinks
+    _prepared: int = 0
+    _changes_text: list[bytes] = field(default_factory=list)
+    _messages_text: list[bytes] = field(default_factory=list)
+    _n_messages: int = 0
+    _sink_keys: set[bytes] = field(default_factory=set)
 
     def add(self, change: PendingChange) -> None:
         if not self.changes:
@@ -165,24 +175,43 @@ class IngestBuffer:
             last, ack = max(last, self.completed), max(ack, self.completed_end_lsn)
         return max(last, self.checkpoint), ack
 
+    def prepare(self) -> None:
+        """Turn the changes added since the last call into COPY text.
+
+        The reader calls this between bursts of the stream, so that a flush
+        finds its text ready: built at flush time, it left the state backend
+        idle meanwhile (measured: ~7 µs a change, 27 ms of each 4,000-change
+        batch, ~13% of an ingest run).
+        """
+        if self._prepared == len(self.changes):
+            return
+        new = self.changes[self._prepared:]
+        self._prepared = len(self.changes)
+        self._changes_text.append(self._changes_copy_data(new))
+        self._messages_text.append(self._messages_copy_data(new))
+
     def detach(self) -> Batch:
         """Take what is buffered as a batch to write; the buffer carries on from its end.
 
         The buffer's checkpoint moves ahead optimistically; if writing the batch
         fails, the reader starts over from the checkpoint stored in Postgres.
         """
+        self.prepare()
         new_checkpoint, new_ack = self.next_checkpoint()
-        batch = Batch(self.changes, self.checkpoint, new_checkpoint, new_ack)
+        batch = Batch(self.changes, self.checkpoint, new_checkpoint, new_ack, b"".join(self._changes_text),
+                      b"".join(self._messages_text), self._n_messages,
+                      tuple(sorted(key.decode() for key in self._sink_keys)))
         self.checkpoint, self.ack_lsn = new_checkpoint, new_ack
         self.changes = []
         self.completed = None
+        self._prepared, self._changes_text, self._messages_text = 0, [], []
+        self._n_messages, self._sink_keys = 0, set()
         return batch
 
     async def write(self, batch: Batch, conn: psycopg.AsyncConnection) -> int:
         """The capture transaction for one batch; returns the LSN now safe to acknowledge."""
-        n_messages = sum(len(c.messages) for c in batch.changes)
-        await self._ensure_partitions(conn, batch.changes, n_messages)
-        sink_ids = sorted({sink.decode() for c in batch.changes for sink, _, _ in c.messages})
+        await self._ensure_partitions(conn, batch.changes, batch.n_messages)
+        sink_ids = list(batch.sink_ids)
         try:
             async with conn.transaction():
                 cur = await conn.execute(QUERIES["capture_begin"], (
@@ -190,12 +219,8 @@ class IngestBuffer:
                 if not (await cur.fetchone())[0]:  # type: ignore[index]
                     raise LeadershipLost(f"checkpoint of source {self.source_id} moved under us: "
                                          "another reader is active")
-                if batch.changes:
-                    async with conn.cursor() as c, c.copy(QUERIES["copy_changes"]) as copy:
-                        await copy.write(self._changes_copy_data(batch.changes))
-                if n_messages:
-                    async with conn.cursor() as c, c.copy(QUERIES["copy_messages"]) as copy:
-                        await copy.write(self._messages_copy_data(batch.changes))
+                await self._copy(conn, "copy_changes", batch.changes_data)
+                await self._copy(conn, "copy_messages", batch.messages_data)
                 await conn.execute(QUERIES["capture_finish"], (
                     batch.checkpoint.commit_lsn, batch.checkpoint.commit_idx, batch.ack_lsn,
                     self.source_id, sink_ids))
@@ -207,9 +232,15 @@ class IngestBuffer:
             self._message_id_limit = 0
             self._partition_days.clear()
             raise MissingPartition(str(e).strip()) from e
-        log.debug("wrote %d changes, %d messages; checkpoint %s", len(batch.changes), n_messages,
+        log.debug("wrote %d changes, %d messages; checkpoint %s", len(batch.changes), batch.n_messages,
                   batch.checkpoint, extra={"source": str(self.source_id)})
         return batch.ack_lsn
+
+    @staticmethod
+    async def _copy(conn: psycopg.AsyncConnection, query: str, data: bytes) -> None:
+        if data:
+            async with conn.cursor() as c, c.copy(QUERIES[query]) as copy:
+                await copy.write(data)
 
     def _changes_copy_data(self, changes: list[PendingChange]) -> bytes:
         """pgsink.changes rows in COPY text format, built in bulk (much faster than per-row calls)."""
@@ -223,7 +254,9 @@ class IngestBuffer:
         return b"".join(lines)
 
     def _messages_copy_data(self, changes: list[PendingChange]) -> bytes:
+        """pgsink.messages rows in COPY text format; counts them and notes their sinks."""
         lines = []
+        sinks = self._sink_keys
         for c in changes:
             if not c.messages:
                 continue
@@ -234,6 +267,8 @@ class IngestBuffer:
                 else:  # no ordering wanted: spread over the lanes
                     lane, self._round_robin = self._round_robin % lane_count, self._round_robin + 1
                 lines.append(b"%s\t%d\t%s\t%s" % (sink, lane, _text(group_key), tail))
+                sinks.add(sink)
+        self._n_messages += len(lines)
         return b"".join(lines)
 
     async def _ensure_partitions(self, conn: psycopg.AsyncConnection, changes: list[PendingChange],

@@ -36,14 +36,14 @@ def install_fault(mode: str) -> None:
 
         ingest.IngestBuffer.write = write_then_die  # type: ignore[method-assign]
     elif mode == "crash-before-commit":
-        original_data = ingest.IngestBuffer._messages_copy_data
+        original_copy = ingest.IngestBuffer._copy
 
-        def data_then_die(self: ingest.IngestBuffer, changes: list[ingest.PendingChange]) -> bytes:
-            original_data(self, changes)
-            _kill_self()  # inside the capture transaction, after the changes were copied
-            return b""
+        async def copy_then_die(conn: object, query: str, data: bytes) -> None:
+            if query == "copy_messages":
+                _kill_self()  # inside the capture transaction, after the changes were copied
+            await original_copy(conn, query, data)  # type: ignore[arg-type]
 
-        ingest.IngestBuffer._messages_copy_data = data_then_die  # type: ignore[method-assign]
+        ingest.IngestBuffer._copy = staticmethod(copy_then_die)  # type: ignore[assignment]
 
 
 async def main(dsn: str, source_name: str, mode: str, flush_changes: int) -> None:
