@@ -234,6 +234,7 @@ class PgoutputDecoder:
         self.types = types
         self.parser = PgoutputParser()
         self._relations: dict[int, _Rel] = {}
+        self._readers: dict[tuple[tuple[str, ...], tuple[Converter | None, ...]], PlainRecordReader] = {}
         self._queue: deque[RawMessage] = deque()
         self._begin: Begin | None = None
         self._begin_sent = False
@@ -351,7 +352,13 @@ class PgoutputDecoder:
         if rel.version != self.types.version:
             types = self.types
             rel.convs = tuple(types.converter(t) for t in rel.type_oids)
-            rel.read_plain = make_plain_record_reader(rel.names, rel.convs)
+            # compiled once per shape: Relation messages repeat (after a restart, a cache
+            # invalidation, a type load) far more often than a table's columns change
+            shape = (rel.names, rel.convs)
+            reader = self._readers.get(shape)
+            if reader is None:
+                reader = self._readers[shape] = make_plain_record_reader(rel.names, rel.convs)
+            rel.read_plain = reader
             info = types.relation(oid)
             if info is not None:
                 rel.keys = info.key_columns

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -58,6 +58,18 @@ async def _excerpt(resp: aiohttp.ClientResponse) -> str | None:
     except (aiohttp.ClientError, TimeoutError) as e:
         return f"<response body unreadable: {type(e).__name__}>"
     return raw.decode("utf-8", "replace").replace("\x00", "")
+
+
+def merge_headers(*layers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Request headers, later layers winning whatever the case of a name (HTTP names are
+    case-insensitive: an endpoint's ``Webhook-Id`` must not go out next to ours)."""
+    merged: dict[str, str] = {}
+    for layer in layers:
+        for name, value in dict(layer).items():
+            for old in [old for old in merged if old.lower() == name.lower()]:
+                del merged[old]
+            merged[name] = value
+    return merged
 
 
 def _storable(text: str | None, url: str) -> str | None:
@@ -239,8 +251,6 @@ class DeliveryStage:
         else:
             plain = render_body(messages, setup.ctx)
         body = setup.target.encode(plain)
-        headers = dict(setup.target.headers)
-        headers.update(route.headers)
         endpoint = setup.endpoint
         url = setup.target.url
         if route.endpoint_path is not None and endpoint is not None:
@@ -250,9 +260,10 @@ class DeliveryStage:
         # every request says what it carries, signed or not: a transformed body may have dropped the keys
         msg_id = (idempotency_key(messages[0]) if len(messages) == 1
                   else batch_id([idempotency_key(m) for m in messages]))
-        headers["webhook-id"] = msg_id
+        ours = {"webhook-id": msg_id}
         if endpoint is not None and endpoint.signing is not None:  # after any wait: a fresh timestamp
-            headers.update(sign_headers(endpoint.signing.live_keys(time.time()), msg_id, plain))
+            ours.update(sign_headers(endpoint.signing.live_keys(time.time()), msg_id, plain))
+        headers = merge_headers(setup.target.headers, route.headers, ours)
         timeout_ms = setup.sink.request_timeout_ms
         started = datetime.now(UTC)
         t0 = time.perf_counter()

@@ -115,10 +115,10 @@ class Batch:
     previous: Position    # the checkpoint the transaction expects to find (the fence)
     checkpoint: Position  # the checkpoint it writes
     ack_lsn: int          # what may be acknowledged to the slot once it committed
-    changes_data: bytes = b""       # the changes as pgsink.changes COPY text
-    messages_data: bytes = b""      # their queue rows as pgsink.messages COPY text
-    n_messages: int = 0
-    sink_ids: tuple[str, ...] = ()  # the sinks it enqueues to (whose enqueue locks it takes), sorted
+    changes_data: bytes        # the changes as pgsink.changes COPY text
+    messages_data: bytes       # their queue rows as pgsink.messages COPY text
+    n_messages: int
+    sink_ids: tuple[str, ...]  # the sinks it enqueues to (whose enqueue locks it takes), sorted
 
 
 class MissingPartition(PgsinkError):
@@ -186,9 +186,10 @@ class IngestBuffer:
         if self._prepared == len(self.changes):
             return
         new = self.changes[self._prepared:]
+        changes_text, messages_text = self._changes_copy_data(new), self._messages_copy_data(new)
+        self._changes_text.append(changes_text)
+        self._messages_text.append(messages_text)
         self._prepared = len(self.changes)
-        self._changes_text.append(self._changes_copy_data(new))
-        self._messages_text.append(self._messages_copy_data(new))
 
     def detach(self) -> Batch:
         """Take what is buffered as a batch to write; the buffer carries on from its end.

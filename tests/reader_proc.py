@@ -39,7 +39,7 @@ def install_fault(mode: str) -> None:
         original_copy = ingest.IngestBuffer._copy
 
         async def copy_then_die(conn: object, query: str, data: bytes) -> None:
-            if query == "copy_messages":
+            if query == "copy_messages" and data:
                 _kill_self()  # inside the capture transaction, after the changes were copied
             await original_copy(conn, query, data)  # type: ignore[arg-type]
 

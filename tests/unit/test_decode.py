@@ -567,3 +567,13 @@ def test_generated_record_reader_matches_the_careful_path() -> None:
         assert read(payload, 0, len(data)) is None, data
     no_columns = _tuple_data([]) + PAD
     assert make_plain_record_reader((), ())(no_columns, 0, 2) == {}
+
+
+def test_record_readers_are_compiled_once_per_shape() -> None:
+    # Relation messages repeat (restarts, cache invalidations); the same columns reuse the reader
+    decoder = PgoutputDecoder(TypeRegistry())
+    run(decoder, [REL_ORDERS, BEGIN_1, INSERT_1, COMMIT_1])
+    first = decoder._relations[0x4001].read_plain
+    events = run(decoder, [REL_ORDERS, BEGIN_1, INSERT_1, COMMIT_1])
+    assert decoder._relations[0x4001].read_plain is first
+    assert [e.record for e in events if isinstance(e, RowChange)] == [{"id": 42, "note": "hello"}]

@@ -195,3 +195,10 @@ def test_annotations_with_numbers_past_64_bits_render_exactly() -> None:
     worker at config load (orjson refuses such ints)."""
     body = render_body([change()], ctx(annotations={"budget": 123456789012345678901234567890}))
     assert b'"annotations":{"budget":123456789012345678901234567890}' in body
+
+
+def test_request_headers_merge_whatever_the_case_of_their_names() -> None:
+    from pgsink.engine.deliver import merge_headers
+
+    merged = merge_headers({"Webhook-Id": "mine", "X-Team": "a"}, (("x-team", "b"),), {"webhook-id": "ours"})
+    assert merged == {"x-team": "b", "webhook-id": "ours"}  # one of each, the later layer's
