@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from uuid import UUID
 
 import psycopg
 import pytest
+from psycopg.pq import TransactionStatus
 
 from pgsink.engine import model
 from pgsink.engine.capture import ReaderSettings, SourceReader
-from pgsink.engine.ingest import TX_COMPLETE
+from pgsink.engine.decode import RowChange
+from pgsink.engine.ingest import (TX_COMPLETE, Batch, IngestBuffer, LeadershipLost, PendingChange, Position,
+                                  copy_relation_text)
 
 from tests.helpers import add_sink, add_source, fetchval, wait_for
 
@@ -334,3 +338,35 @@ async def test_a_checkpoint_of_another_cluster_is_reset_not_obeyed(aconn: psycop
         await wait_for(lambda: changes_count(aconn, 2), what="the change made after the move")
     assert await fetchval(aconn, "select system_identifier from pgsink.source_checkpoints") == system
     assert await fetchval(aconn, "select count(distinct (commit_lsn, commit_idx)) from pgsink.changes") == 2
+
+
+async def test_a_capture_write_that_fails_leaves_no_transaction_open(
+        aconn: psycopg.AsyncConnection, fresh_db: str, setup: tuple[model.Source, UUID]) -> None:
+    """A failed fence (another reader wrote) rolls the capture transaction back, releasing the
+    sink's enqueue lock at once, and the connection goes on writing."""
+    source, sink_id = setup
+    await aconn.execute("insert into pgsink.source_checkpoints (source_id, commit_lsn, commit_idx)"
+                        " values (%s, 100, %s)", (source.id, TX_COMPLETE))
+    change = RowChange("insert", 1, "public", "orders", {"id": 1}, None, ("id",), ())
+    stamp = datetime.now(UTC)
+
+    def batch_after(checkpoint: Position) -> Batch:
+        buffer = IngestBuffer(source.id, checkpoint, 0)
+        buffer.add(PendingChange(200, 0, 7, stamp, stamp.isoformat().encode(), change,
+                                 copy_relation_text(1, "public", "orders", "insert"), "1", None,
+                                 [(str(sink_id).encode(), 1, "public.orders:1")]))
+        buffer.complete(200, 201)
+        return buffer.detach()
+
+    async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn:
+        writer = IngestBuffer(source.id, Position(0, 0), 0)
+        with pytest.raises(LeadershipLost):
+            await writer.write(batch_after(Position(99, TX_COMPLETE)), conn)  # not the stored checkpoint
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert await fetchval(aconn, "select count(*) from pg_locks where locktype = 'advisory' and pid = %s",
+                              (conn.info.backend_pid,)) == 0
+        assert await writer.write(batch_after(Position(100, TX_COMPLETE)), conn) == 201  # usable, and it commits
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+    assert await fetchval(aconn, "select count(*) from pgsink.messages where sink_id = %s", (sink_id,)) == 1
+    assert await fetchval(aconn, "select commit_lsn from pgsink.source_checkpoints where source_id = %s",
+                          (source.id,)) == 200
