@@ -52,7 +52,7 @@ def _supervise(url: str, roles: list[str], sources: list[str], sinks: list[str],
     base += [a for s in sources for a in ("--source", s)] + [a for s in sinks for a in ("--sink", s)]
     base += ["--verbose"] if verbose else []
     env = {**os.environ, DATABASE_URL_ENV: url}  # not on the command line: ps would show a password
-    children = {subprocess.Popen([*base, "--role", r], env=env): r for r in roles}
+    children: dict[subprocess.Popen[bytes], str] = {}
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -62,8 +62,11 @@ def _supervise(url: str, roles: list[str], sources: list[str], sinks: list[str],
             if child.poll() is None:
                 child.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the first child: none is ever left behind
         signal.signal(sig, forward)
+    for r in roles:
+        if not stopping:
+            children[subprocess.Popen([*base, "--role", r], env=env)] = r
     status = 0
     while children:
         pid, code = os.wait()
@@ -72,12 +75,19 @@ def _supervise(url: str, roles: list[str], sources: list[str], sinks: list[str],
             continue
         child.returncode = os.waitstatus_to_exitcode(code)
         role = children.pop(child)
-        if child.returncode != 0 or not stopping:
+        if not (stopping and stopped_cleanly(child.returncode)):
             if not stopping:
                 err_console.print(f"worker role {role} exited ({child.returncode}); stopping the others")
             status = status or (child.returncode or 1)
             forward(signal.SIGTERM, None)
     return status
+
+
+def stopped_cleanly(returncode: int) -> bool:
+    """How a child asked to stop may end: done, or killed by the very signal it was passed while
+    still starting (before its handlers were in place, it had taken no work; all state is in
+    Postgres)."""
+    return returncode in (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 def register(app: typer.Typer) -> None:

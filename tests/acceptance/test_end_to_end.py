@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from tests.helpers import wait_for
 from tests.receiver import Receiver
 
 ROOT = Path(__file__).parents[2]
@@ -109,3 +111,30 @@ async def test_worker_runs_a_process_per_role_and_stops_all_if_one_dies(fresh_db
     assert worker.returncode != 0
     assert "stopping the others" in err.decode()
     assert not any(Path(f"/proc/{k}").exists() for k in kids[1:])  # the others were stopped and reaped
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the worker runs its roles in one process")
+async def test_sigterm_while_the_role_processes_start_is_a_clean_stop(fresh_db: str) -> None:
+    """A stop asked for while the per-role children are still importing (no handler of their own
+    yet, so the signal's default action ends them) is still a clean stop: exit 0, no child left."""
+    worker = subprocess.Popen([sys.executable, "-m", "pgsink.cli", "worker"], cwd=ROOT,
+                              env={**os.environ, "PGSINK_DATABASE_URL": fresh_db},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        async def all_started() -> list[int]:
+            return kids if len(kids := _children(worker.pid)) == 4 else []
+
+        kids = await wait_for(all_started, timeout=30, interval=0.005, what="the four role processes")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = await asyncio.get_running_loop().run_in_executor(None, lambda: worker.communicate(timeout=60))
+    assert worker.returncode == 0, err.decode()[-3000:]
+    assert not [pid for pid in kids if Path(f"/proc/{pid}").exists()]
