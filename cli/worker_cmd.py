@@ -67,6 +67,8 @@ def _supervise(url: str, roles: list[str], sources: list[str], sinks: list[str],
     for r in roles:
         if not stopping:
             children[subprocess.Popen([*base, "--role", r], env=env)] = r
+    if stopping:  # the signal came during a spawn: that child was not in the list yet
+        forward(signal.SIGTERM, None)
     status = 0
     while children:
         pid, code = os.wait()
