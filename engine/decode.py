@@ -36,6 +36,7 @@ from datetime import datetime
 from typing import Any
 
 from .framing import DecodeError
+from .jsontext import in_jsonb_order
 from .pgoutput import (
     PAD,
     ROW_KINDS,
@@ -140,13 +141,19 @@ def convert_row(
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """Column texts -> (record, unchanged TOAST column names). ``values`` items are
     None, UNCHANGED_TOAST or the text; UNCHANGED_TOAST columns are left out of the record.
-    ``special=False`` promises there is no UNCHANGED_TOAST and no bytes (a faster path)."""
+    ``special=False`` promises there is no UNCHANGED_TOAST and no bytes (a faster path).
+
+    Every record lists its columns in jsonb's key order (shorter names first,
+    then bytewise), the order they have once stored: the state backend then
+    parses the retained record without reordering it, and a filter sees the
+    same dict at capture as at replay or delivery.
+    """
     record: dict[str, Any] = {}
     toast: list[str] | None = None
     try:
         if not special:  # the common case: no TOAST marker, no binary value
-            return {n: v if v is None or c is None else c(v)
-                    for n, c, v in zip(names, convs, values, strict=False)}, ()
+            return in_jsonb_order({n: v if v is None or c is None else c(v)
+                                   for n, c, v in zip(names, convs, values, strict=False)}), ()
         for name, conv, v in zip(names, convs, values, strict=False):
             if v is None:
                 record[name] = None
@@ -167,7 +174,7 @@ def convert_row(
                 toast = (toast or []) + [name]
             else:
                 record[name] = None if v is None else _fallback(conv, v)
-    return record, (tuple(toast) if toast else ())
+    return in_jsonb_order(record), (tuple(toast) if toast else ())
 
 
 def old_values_record(

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from .framing import DecodeError, pg_timestamp
+from .jsontext import jsonb_key_order
 from .values import Converter
 
 
@@ -239,6 +240,8 @@ def make_plain_record_reader(names: Sequence[str], convs: Sequence[Converter | N
     bound to a name, it takes ~6 µs instead of ~9 µs for a 7-column row
     (measured by ``python -m benchmarks costs``). Only trusted text goes into
     the source: column names and converters are passed in as values, never pasted.
+    The record lists the columns in jsonb's key order, as every record does
+    (see ``decode.convert_row``).
     """
     env: dict[str, Any] = {"unpack": _KIND_LEN.unpack_from, "T": _T, "N": _N}
     lines = ["def read(buf, pos, end):",
@@ -270,7 +273,8 @@ def make_plain_record_reader(names: Sequence[str], convs: Sequence[Converter | N
               "        return None",
               "    if pos > end:",
               "        return None",
-              "    return {" + ", ".join(f"name{i}: v{i}" for i in range(len(names))) + "}"]
+              "    return {" + ", ".join(f"name{i}: v{i}" for i in jsonb_key_order(tuple(names)) or range(len(names)))
+              + "}"]
     exec(compile("\n".join(lines), "<pgoutput record reader>", "exec"), env)  # noqa: S102 - see the docstring
     return env["read"]  # type: ignore[no-any-return]
 
