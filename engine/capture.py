@@ -43,7 +43,8 @@ from .ingest import (
     LeadershipLost,
     PendingChange,
     Position,
-    copy_relation_text,
+    TxFields,
+    copy_relation_fields,
     group_key,
     key_text,
     record_key,
@@ -82,15 +83,14 @@ class _Route:
 
     targets: list[tuple[bytes, int, bool, tuple[str, ...] | None]]
     group_prefix: str   # "schema.table:", the group key of a row is this + its primary key
-    copy_text: bytes    # the table's columns of a pgsink.changes COPY row
+    copy_fields: bytes  # the table's fields of a pgsink.changes COPY row
 
 
 @dataclass(slots=True)
 class _Tx:
     commit_lsn: int
     committed_at: Any
-    xid: int
-    committed_text: bytes
+    fields: TxFields  # its COPY fields
     skip_upto: int  # changes with an index at or below this are already durable (-1: none)
     next_idx: int = 0
     kept: int = 0
@@ -294,8 +294,8 @@ class SourceReader:
             ck = buffer.checkpoint
             skip_upto = -1 if event.commit_lsn > ck.commit_lsn else (
                 ck.commit_idx if event.commit_lsn == ck.commit_lsn else TX_COMPLETE)
-            return _Tx(event.commit_lsn, event.committed_at, event.xid, event.committed_at.isoformat().encode(),
-                       skip_upto)
+            return _Tx(event.commit_lsn, event.committed_at,
+                       TxFields.make(self.source.id, event.commit_lsn, event.xid, event.committed_at), skip_upto)
         if isinstance(event, TxCommit):
             partial = buffer.checkpoint.commit_lsn == event.commit_lsn and buffer.checkpoint.commit_idx != TX_COMPLETE
             if tx is not None and (tx.kept or partial):
@@ -310,6 +310,7 @@ class SourceReader:
         if isinstance(event, LogicalMessage):
             if tx is not None and event.transactional and event.prefix == ANNOTATIONS_PREFIX:
                 tx.annotations = _annotations(event.content, self.source.name)
+                tx.fields = tx.fields.annotated(tx.annotations)
             return tx
         if isinstance(event, TableTruncate):
             names = ", ".join(f"{s}.{t}" for _, s, t in event.tables if s != STATE_SCHEMA)
@@ -350,8 +351,7 @@ class SourceReader:
             else:
                 key = group_key(change.schema, change.table, record, columns, record_pk)
             messages.append((sink_key, lanes, key))
-        buffer.add(PendingChange(tx.commit_lsn, idx, tx.xid, tx.committed_at, tx.committed_text, change,
-                                 route.copy_text, record_pk, tx.annotations, messages))
+        buffer.add(PendingChange(idx, tx.fields, change, route.copy_fields, record_pk, messages))
 
     def _route(self, change: RowChange) -> _Route:
         """The sinks a table's changes of one action go to, with what their group keys need."""
@@ -360,7 +360,7 @@ class SourceReader:
                    for s in self.sinks
                    if change.action in s.actions and s.matches_table(change.schema, change.table)]
         return _Route(targets, f"{change.schema}.{change.table}:",
-                      copy_relation_text(change.table_oid, change.schema, change.table, change.action))
+                      copy_relation_fields(change.table_oid, change.schema, change.table, change.action))
 
     def _passes(self, sink_key: bytes, change: RowChange, tx: _Tx, idx: int) -> bool:
         """The sink's filters (column, SQL, Python) at enqueue time; on an error the change is kept."""
@@ -368,7 +368,7 @@ class SourceReader:
         if entry is None:
             return True
         sink, predicate = entry
-        metadata = filter_metadata(sink, change.schema, change.table, tx.committed_text.decode(), tx.commit_lsn, idx,
+        metadata = filter_metadata(sink, change.schema, change.table, tx.committed_at.isoformat(), tx.commit_lsn, idx,
                                    loads_exact(tx.annotations.decode()) if tx.annotations else None)
         try:
             return predicate(change.action, change.record, change.changes, metadata)

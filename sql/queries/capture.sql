@@ -26,14 +26,15 @@ select last_value from pgsink.message_id_seq
 select pgsink.ensure_partitions(%s, %s, %s, %s)
 
 -- name: copy_changes
-copy pgsink.changes (source_id, commit_lsn, commit_idx, xid, committed_at, source_table_oid,
-                     source_table_schema, source_table_name, action, record_pk, record, changes,
-                     transaction_annotations)
-from stdin
+-- Binary rows (engine.ingest), the fields a transaction's rows share first.
+copy pgsink.changes (source_id, commit_lsn, xid, committed_at, source_table_oid, source_table_schema,
+                     source_table_name, action, commit_idx, record_pk, record, changes, transaction_annotations)
+from stdin with (format binary)
 
 -- name: copy_messages
-copy pgsink.messages (sink_id, lane, group_key, action, commit_lsn, commit_idx, committed_at)
-from stdin
+-- Binary rows (engine.ingest).
+copy pgsink.messages (sink_id, lane, commit_idx, group_key, action, commit_lsn, committed_at)
+from stdin with (format binary)
 
 -- name: last_retained_record
 select record::text

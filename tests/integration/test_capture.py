@@ -16,7 +16,7 @@ from pgsink.engine import model
 from pgsink.engine.capture import ReaderSettings, SourceReader
 from pgsink.engine.decode import RowChange
 from pgsink.engine.ingest import (TX_COMPLETE, Batch, IngestBuffer, LeadershipLost, PendingChange, Position,
-                                  copy_relation_text)
+                                  TxFields, copy_relation_fields)
 
 from tests.helpers import add_sink, add_source, fetchval, wait_for
 
@@ -92,6 +92,37 @@ async def test_insert_update_delete_reach_log_and_queue(aconn: psycopg.AsyncConn
     confirmed = await fetchval(aconn, "select confirmed_flush_lsn - '0/0' from pg_replication_slots where slot_name = %s",
                                (source.slot_name,))
     assert int(confirmed) >= ack > 0
+
+
+async def test_every_column_of_a_captured_change(aconn: psycopg.AsyncConnection, fresh_db: str,
+                                                 setup: tuple[model.Source, UUID]) -> None:
+    """The fields capture writes (binary COPY) against what the source says about the transaction."""
+    source, sink_id = setup
+    async with running_reader(fresh_db, source):
+        before = await fetchval(aconn, "select (pg_current_wal_lsn() - '0/0')::bigint")
+        async with aconn.transaction():
+            await aconn.execute("select pg_logical_emit_message(true, 'pgsink:annotations', '{\"by\": \"é\"}')")
+            await aconn.execute("insert into orders values (7, 'tab\there', 1e-3, null)")
+            xid = await fetchval(aconn, "select pg_current_xact_id()::text::bigint")
+            started = await fetchval(aconn, "select clock_timestamp()")
+        finished = await fetchval(aconn, "select clock_timestamp()")
+        after = await fetchval(aconn, "select (pg_current_wal_lsn() - '0/0')::bigint")
+        await wait_for(lambda: changes_count(aconn, 1), what="the insert")
+    cur = await aconn.execute(
+        "select source_id, commit_lsn, commit_idx, xid, committed_at, source_table_oid = 'orders'::regclass,"
+        " source_table_schema, source_table_name, action, record_pk, record::text, changes,"
+        " transaction_annotations from pgsink.changes")
+    [row] = await cur.fetchall()
+    assert row[0] == source.id and before < row[1] <= after and row[2] == 0 and row[3] == xid
+    assert started <= row[4] <= finished and row[5]
+    assert row[6:] == ("public", "orders", "insert", "7",
+                       '{"id": 7, "note": null, "amount": 0.001, "status": "tab\\there"}', None, {"by": "é"})
+    cur = await aconn.execute("select sink_id, lane, group_key, action, commit_lsn, commit_idx, committed_at"
+                              " from pgsink.messages")
+    [msg] = await cur.fetchall()
+    lanes = await fetchval(aconn, "select lane_count from pgsink.sinks where id = %s", (sink_id,))
+    assert msg[0] == sink_id and 0 <= msg[1] < lanes
+    assert msg[2:] == ("public.orders:7", "insert", row[1], 0, row[4])
 
 
 async def test_replica_identity_full_gives_old_values(aconn: psycopg.AsyncConnection, fresh_db: str,
@@ -352,8 +383,8 @@ async def test_a_capture_write_that_fails_leaves_no_transaction_open(
 
     def batch_after(checkpoint: Position) -> Batch:
         buffer = IngestBuffer(source.id, checkpoint, 0)
-        buffer.add(PendingChange(200, 0, 7, stamp, stamp.isoformat().encode(), change,
-                                 copy_relation_text(1, "public", "orders", "insert"), "1", None,
+        buffer.add(PendingChange(0, TxFields.make(source.id, 200, 7, stamp), change,
+                                 copy_relation_fields(1, "public", "orders", "insert"), "1",
                                  [(str(sink_id).encode(), 1, "public.orders:1")]))
         buffer.complete(200, 201)
         return buffer.detach()
