@@ -5,7 +5,7 @@ reader, the walsender and the state backend share two cores:
 
 * ``reader``: WAL frames of a recorded workload (benchmark_records, half
   inserts, half updates) replayed through the reader's own code (frame parse,
-  pgoutput decode, routing, group key, COPY text) with no I/O. The result is
+  pgoutput decode, routing, group key, COPY rows) with no I/O. The result is
   the best of several passes, in CPU time per change. ``decode`` is the
   decoder alone.
 * ``copy``: COPY of the same rows into ``pgsink.changes`` and
@@ -44,20 +44,22 @@ CHANGES_COLUMNS = ("(source_id, commit_lsn, commit_idx, xid, committed_at, sourc
                    " source_table_name, action, record_pk, record, changes, transaction_annotations)")
 MESSAGES_COLUMNS = "(sink_id, lane, group_key, action, commit_lsn, commit_idx, committed_at)"
 CHANGES_ROWS = """
-copy (select %s::uuid, 1000000 + r.id * 10, 0, 1000 + r.id, now(), 'benchmark_records'::regclass::oid, 'public',
-             'benchmark_records', 'insert', r.id::text, to_jsonb(r), null::jsonb, null::jsonb
+copy (select %s::uuid, (1000000 + r.id * 10)::int8, 0, (1000 + r.id)::int8, now(), 'benchmark_records'::regclass::oid,
+             'public'::text, 'benchmark_records'::text, 'insert'::text, r.id::text, to_jsonb(r), null::jsonb, null::jsonb
       from benchmark_records r) to stdout"""
 MESSAGES_ROWS = """
-copy (select %s::uuid, hashtext(r.id::text) & 63, 'public.benchmark_records:' || r.id, 'insert',
-             1000000 + r.id * 10, 0, now()
+copy (select %s::uuid, (hashtext(r.id::text) & 63)::int2, 'public.benchmark_records:' || r.id, 'insert'::text,
+             (1000000 + r.id * 10)::int8, 0, now()
       from benchmark_records r) to stdout"""
-# (target table, columns, data) per variant; the plain tables are made in _copy_costs
+# (target table, data) per variant; the plain tables are made in _copy_costs. Capture writes binary rows.
 COPY_VARIANTS = {
+    "pgsink.changes, binary (as capture writes it)": ("pgsink.changes", "changes binary"),
     "pgsink.changes (partitioned, primary key + changes_row index, jsonb)": ("pgsink.changes", "changes"),
     "plain table like pgsink.changes, primary key only": ("pk_changes", "changes"),
     "plain table like pgsink.changes, no index": ("plain_changes", "changes"),
     "plain table like pgsink.changes, no index, json instead of jsonb": ("json_changes", "changes"),
     "pgsink.messages (partitioned, primary key, id from the sequence)": ("pgsink.messages", "messages"),
+    "pgsink.messages, binary (as capture writes it)": ("pgsink.messages", "messages binary"),
 }
 
 
@@ -131,7 +133,7 @@ async def _reader_costs(dsn: str, source_id: UUID, end_lsn: int) -> dict[str, An
 
 
 def _copy_text(buffer: IngestBuffer) -> int:
-    """What a flush takes: both COPY texts of the buffered changes (the reader builds them as it goes)."""
+    """What a flush takes: both COPY data of the buffered changes (the reader builds them as it goes)."""
     return len(buffer.detach().changes)
 
 
@@ -146,22 +148,25 @@ def _copy_costs(dsn: str, source_id: UUID, sink_id: UUID, rows: int) -> dict[str
         conn.execute("create table json_changes (like pgsink.changes including defaults)")
         conn.execute("alter table json_changes alter record type json, alter changes type json,"
                      " alter transaction_annotations type json")
-        data = {"changes": _dump(conn, CHANGES_ROWS, source_id), "messages": _dump(conn, MESSAGES_ROWS, sink_id)}
+        data = {"changes": _dump(conn, CHANGES_ROWS, source_id), "messages": _dump(conn, MESSAGES_ROWS, sink_id),
+                "changes binary": _dump(conn, CHANGES_ROWS, source_id, binary=True),
+                "messages binary": _dump(conn, MESSAGES_ROWS, sink_id, binary=True)}
         costs: dict[str, list[float]] = {name: [] for name in COPY_VARIANTS}
         for _ in range(3):
             for name, (table, kind) in COPY_VARIANTS.items():
-                columns = CHANGES_COLUMNS if kind == "changes" else MESSAGES_COLUMNS
+                columns = CHANGES_COLUMNS if kind.startswith("changes") else MESSAGES_COLUMNS
+                options = " with (format binary)" if kind.endswith("binary") else ""
                 started = time.perf_counter()
-                with conn.transaction(), conn.cursor().copy(f"copy {table} {columns} from stdin") as copy:
+                with conn.transaction(), conn.cursor().copy(f"copy {table} {columns} from stdin{options}") as copy:
                     copy.write(data[kind])
                 costs[name].append((time.perf_counter() - started) * 1e6 / rows)
                 conn.execute(f"truncate {table}")
     return {name: round(statistics.median(v), 1) for name, v in costs.items()}
 
 
-def _dump(conn: psycopg.Connection, query: str, param: UUID) -> bytes:
+def _dump(conn: psycopg.Connection, query: str, param: UUID, binary: bool = False) -> bytes:
     out = bytearray()
-    with conn.cursor().copy(query, (param,)) as copy:
+    with conn.cursor().copy(query + (" with (format binary)" if binary else ""), (param,)) as copy:
         for chunk in copy:
             out += chunk
     return bytes(out)
@@ -179,7 +184,7 @@ def main(changes: int) -> None:
     result = run(changes)
     path = save("costs", result)
     r = result["reader"]
-    print(f"reader replay: decode {r['decode_us_per_change']} us/change, decode + route + COPY text "
+    print(f"reader replay: decode {r['decode_us_per_change']} us/change, decode + route + COPY rows "
           f"{r['reader_us_per_change']} us/change ({r['frames']} frames)")
     for name, us in result["copy_us_per_row"].items():
         print(f"COPY {name}: {us} us/row")

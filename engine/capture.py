@@ -249,7 +249,7 @@ class SourceReader:
                             last_status = -1e9  # answer at once, below
                     burst += 1
                     raw = stream.read_nowait() if burst < YIELD_EVERY else None
-                buffer.prepare()  # COPY text as it comes, so a flush can start writing at once
+                buffer.prepare()  # COPY rows as they come, so a flush can start writing at once
                 if buffer.dirty and (len(buffer.changes) >= flush_changes
                                      or buffer.age() >= self.settings.flush_interval):
                     # while the previous batch is still being written, keep reading into
