@@ -389,13 +389,18 @@ class PgoutputDecoder:
         (oid,) = _U32.unpack_from(buf, 1)
         marker = buf[5]
         if marker == _NEW and kind != b"D":  # insert, or update without an old tuple: the most common rows
-            rel = self._rel(oid)
+            rel = self._relations.get(oid)
+            if rel is None or rel.version != self.types.version:
+                rel = self._rel(oid)
             fast = rel.read_plain(buf, 6, end)
             if fast is not None:
+                row = RowChange("insert" if kind == b"I" else "update", oid, rel.schema, rel.msg.name, fast,
+                                None, rel.keys, ())
+                if self._begin_sent:
+                    return [row]
                 out: list[Event] = []
                 self._tx_started(out)
-                out.append(RowChange("insert" if kind == b"I" else "update", oid, rel.schema, rel.msg.name, fast,
-                                     None, rel.keys, ()))
+                out.append(row)
                 return out
         old_kind: str | None = None
         old: list[Any] | None = None

@@ -239,7 +239,8 @@ def make_array_converter(elem: Converter | None, delim: str = ",") -> Converter:
             if not inner:
                 return []
             if elem is None:
-                return [None if p == "NULL" else p for p in inner.split(delim)]
+                parts = inner.split(delim)
+                return parts if "NULL" not in parts else [None if p == "NULL" else p for p in parts]
             return [None if p == "NULL" else elem(p) for p in inner.split(delim)]
         return _convert_nested(parse_array(text, delim), elem)
 
