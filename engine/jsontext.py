@@ -145,6 +145,15 @@ def _jsonb_string(text: str) -> str:
     return '"' + "".join(_JSONB_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " else c) for c in text) + '"'
 
 
+# a \u0000 escape, not preceded by an escaped backslash ("\\u0000" is a backslash and "u0000")
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def holds_nul(json_text: str) -> bool:
+    """Whether JSON text holds a NUL character (a ``\\u0000`` escape), which jsonb cannot store."""
+    return "\\u0000" in json_text and _NUL_ESCAPE.search(json_text) is not None
+
+
 _LONG_NUMBER = re.compile(r"\d(?:\.?\d){15,}|\d[eE][+-]?\d{3,}")  # 16+ digits, or an exponent past 99
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
-from .jsontext import RawJson
+from .jsontext import RawJson, holds_nul
 from .queries import QUERIES
 
 log = logging.getLogger("pgsink.decode")
@@ -84,6 +84,10 @@ def _numeric(text: str) -> Any:
 
 
 def _json(text: str) -> Any:
+    """The document itself; one with a NUL character (json takes a \\u0000 escape, jsonb does not, and the
+    retention log is jsonb) as its text, a JSON string, the rule for anything that cannot be converted."""
+    if holds_nul(text):
+        return text
     return RawJson(text)
 
 

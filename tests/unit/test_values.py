@@ -7,8 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
-from pgsink.engine.jsontext import RawJson, dumps, json_default
+from pgsink.engine.jsontext import RawJson, dumps, holds_nul, json_default
 from pgsink.engine.values import (
+    BUILTIN_CONVERTERS,
     TypeRegistry,
     make_array_converter,
     parse_array,
@@ -353,3 +354,13 @@ def test_loads_exact_keeps_every_number_and_dumps_writes_them_back() -> None:
         loads_exact("[" * 5000 + "]" * 5000)
     with pytest.raises(ValueError):
         loads_exact("{not json")
+
+
+def test_json_with_a_nul_character_is_kept_as_its_text() -> None:
+    # json takes a \u0000 escape, jsonb (the retention log) refuses it: such a document stays text
+    json_conv = BUILTIN_CONVERTERS[114]
+    assert json_conv(r'{"a": "x\u0000"}') == r'{"a": "x\u0000"}'
+    assert json_conv(r'{"a": "x\\\u0000"}') == r'{"a": "x\\\u0000"}'  # an escaped backslash, then the NUL
+    assert json_conv(r'{"a": "x\\u0000"}') == RawJson(r'{"a": "x\\u0000"}')  # a backslash and "u0000": no NUL
+    assert json_conv(r'{"a": 1}') == RawJson(r'{"a": 1}')
+    assert holds_nul(r'\u0000') and not holds_nul(r'\\\\u0000') and not holds_nul("u0000")
