@@ -53,7 +53,7 @@ from .queries import QUERIES
 from .replication import ReplicationStream
 from .source import ensure_slot_and_publication
 from .userfunc import UserFunctionError
-from .jsontext import dumps, fits_numeric, holds_nul, loads_exact
+from .jsontext import dumps, fits_numeric, jsonb_refuses, loads_exact
 from .values import TypeRegistry
 from .waiting import wait_event
 from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
@@ -448,10 +448,13 @@ def _annotations(content: bytes, source_name: str) -> bytes | None:
         log.warning("source %s: transaction annotations hold a number Postgres cannot store; ignored: %r",
                     source_name, content[:200])
         return None
-    text = dumps(value)
-    if holds_nul(text.decode()):  # the same: jsonb holds no NUL character
-        log.warning("source %s: transaction annotations hold a NUL character (\\u0000), which Postgres cannot "
-                    "store; ignored: %r", source_name, content[:200])
+    try:
+        text = dumps(value)
+    except TypeError:  # a lone UTF-16 surrogate, which JSON text may spell and UTF-8 cannot hold
+        text = None
+    if text is None or jsonb_refuses(text.decode()):  # the same: jsonb would refuse it
+        log.warning("source %s: transaction annotations hold a character Postgres cannot store (\\u0000 or a "
+                    "lone surrogate); ignored: %r", source_name, content[:200])
         return None
     return text
 

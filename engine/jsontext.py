@@ -145,13 +145,43 @@ def _jsonb_string(text: str) -> str:
     return '"' + "".join(_JSONB_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " else c) for c in text) + '"'
 
 
-# a \u0000 escape, not preceded by an escaped backslash ("\\u0000" is a backslash and "u0000")
-_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# What could make jsonb refuse JSON that json accepted: a \u0000 or surrogate escape, a long exponent
+_JSONB_SUSPECT = re.compile(r"\\u(?:0000|[dD][89a-fA-F])|\d[eE][+-]?\d{5,}")
+_BAD_CHARACTER = re.compile("[\x00\ud800-\udfff]")  # NUL, or half of a UTF-16 surrogate pair
 
 
-def holds_nul(json_text: str) -> bool:
-    """Whether JSON text holds a NUL character (a ``\\u0000`` escape), which jsonb cannot store."""
-    return "\\u0000" in json_text and _NUL_ESCAPE.search(json_text) is not None
+def jsonb_refuses(json_text: str) -> bool:
+    """Whether jsonb refuses JSON text that the json type takes.
+
+    jsonb holds no NUL character (a ``\\u0000`` escape), no lone UTF-16
+    surrogate escape, and no number outside numeric's range (more than
+    131072 digits before the point or 16383 after). Cheap for the usual
+    text; only a suspect one is parsed.
+    """
+    if _JSONB_SUSPECT.search(json_text) is None:
+        return False
+    try:
+        value = json.loads(json_text, parse_float=_numeric_number)
+    except (ValueError, RecursionError):
+        return True
+    return _holds_bad_string(value)
+
+
+def _numeric_number(text: str) -> Decimal:
+    number = Decimal(text)
+    if number.adjusted() > 131071 or number.as_tuple().exponent < -16383:  # type: ignore[operator]
+        raise ValueError(f"{text[:20]} is out of numeric's range")
+    return number
+
+
+def _holds_bad_string(value: Any) -> bool:
+    if isinstance(value, str):
+        return _BAD_CHARACTER.search(value) is not None
+    if isinstance(value, dict):
+        return any(_holds_bad_string(k) or _holds_bad_string(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_bad_string(v) for v in value)
+    return False
 
 
 _LONG_NUMBER = re.compile(r"\d(?:\.?\d){15,}|\d[eE][+-]?\d{3,}")  # 16+ digits, or an exponent past 99

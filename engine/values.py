@@ -43,7 +43,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
-from .jsontext import RawJson, holds_nul
+from .jsontext import RawJson, jsonb_refuses
 from .queries import QUERIES
 
 log = logging.getLogger("pgsink.decode")
@@ -84,9 +84,9 @@ def _numeric(text: str) -> Any:
 
 
 def _json(text: str) -> Any:
-    """The document itself; one with a NUL character (json takes a \\u0000 escape, jsonb does not, and the
-    retention log is jsonb) as its text, a JSON string, the rule for anything that cannot be converted."""
-    if holds_nul(text):
+    """The document itself, unless jsonb refuses it (json takes a \\u0000 escape, a lone surrogate, 1e200000;
+    the retention log is jsonb): then its text, a JSON string, the rule for what cannot be converted."""
+    if jsonb_refuses(text):
         return text
     return RawJson(text)
 

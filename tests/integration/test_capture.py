@@ -269,23 +269,29 @@ async def test_transaction_annotations(aconn: psycopg.AsyncConnection, fresh_db:
     assert await cur.fetchall() == [("1", {"user": "ada"}), ("2", None)]
 
 
-async def test_a_nul_character_jsonb_cannot_hold_does_not_stop_capture(
+async def test_json_that_jsonb_refuses_does_not_stop_capture(
         aconn: psycopg.AsyncConnection, fresh_db: str, setup: tuple[model.Source, UUID]) -> None:
-    """json (unlike jsonb) accepts a \\u0000 escape; the retention log is jsonb. Such a value is kept
-    as its text, and such annotations are ignored, instead of failing every capture write."""
+    """json (unlike jsonb) takes a \\u0000 escape, a lone surrogate, 1e200000; the retention log is
+    jsonb. Such a value is kept as its text, and such annotations are ignored, instead of failing
+    every capture write."""
     source, _ = setup
     await aconn.execute("create table docs (id int primary key, doc json, docs json[])")
-    nul = r'{"a": "x\u0000y"}'
+    nul, odd = r'{"a": "x\u0000y"}', r'[1e200000, "\ud800"]'
     async with running_reader(fresh_db, source):
         async with aconn.transaction():
             await aconn.execute("select pg_logical_emit_message(true, 'pgsink:annotations', %s)", (nul,))
             await aconn.execute("insert into docs values (1, %s, array[%s, '{\"b\": 1}']::json[])", (nul, nul))
         await aconn.execute("""insert into docs values (2, '{"c": "\\\\u0000"}', null)""")  # an escaped backslash
-        await wait_for(lambda: changes_count(aconn, 2), what="both inserts")
+        async with aconn.transaction():
+            await aconn.execute("select pg_logical_emit_message(true, 'pgsink:annotations', %s)",
+                                (r'{"s": "\ud800"}',))
+            await aconn.execute("insert into docs values (3, %s, null)", (odd,))
+        await wait_for(lambda: changes_count(aconn, 3), what="the three inserts")
     cur = await aconn.execute("select record, transaction_annotations from pgsink.changes order by commit_lsn")
     assert await cur.fetchall() == [
         ({"id": 1, "doc": nul, "docs": [nul, {"b": 1}]}, None),
-        ({"id": 2, "doc": {"c": "\\u0000"}, "docs": None}, None)]
+        ({"id": 2, "doc": {"c": "\\u0000"}, "docs": None}, None),
+        ({"id": 3, "doc": odd, "docs": None}, None)]
 
 
 async def test_large_transaction_is_flushed_in_chunks(aconn: psycopg.AsyncConnection, fresh_db: str,

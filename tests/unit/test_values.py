@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from pgsink.engine.jsontext import RawJson, dumps, holds_nul, json_default
+from pgsink.engine.jsontext import RawJson, dumps, json_default, jsonb_refuses
 from pgsink.engine.values import (
     BUILTIN_CONVERTERS,
     TypeRegistry,
@@ -356,11 +356,14 @@ def test_loads_exact_keeps_every_number_and_dumps_writes_them_back() -> None:
         loads_exact("{not json")
 
 
-def test_json_with_a_nul_character_is_kept_as_its_text() -> None:
-    # json takes a \u0000 escape, jsonb (the retention log) refuses it: such a document stays text
+def test_json_that_jsonb_refuses_is_kept_as_its_text() -> None:
+    # json takes these, jsonb (the retention log) refuses them: such a document stays text
     json_conv = BUILTIN_CONVERTERS[114]
-    assert json_conv(r'{"a": "x\u0000"}') == r'{"a": "x\u0000"}'
-    assert json_conv(r'{"a": "x\\\u0000"}') == r'{"a": "x\\\u0000"}'  # an escaped backslash, then the NUL
-    assert json_conv(r'{"a": "x\\u0000"}') == RawJson(r'{"a": "x\\u0000"}')  # a backslash and "u0000": no NUL
-    assert json_conv(r'{"a": 1}') == RawJson(r'{"a": 1}')
-    assert holds_nul(r'\u0000') and not holds_nul(r'\\\\u0000') and not holds_nul("u0000")
+    refused = [r'{"a": "x\u0000"}', r'{"a": "x\\\u0000"}', r'["\ud800"]', r'{"\uDC00": 1}', "1e131072",
+               "[1.5e-16383]", '{"n": 2E+200000}']
+    for text in refused:
+        assert jsonb_refuses(text) and json_conv(text) == text, text
+    taken = [r'{"a": "x\\u0000"}', r'["\ud83d\ude00"]', "1e131071", "1e-16383", '{"n": 1.50}',
+             '"a1e12345b"', r'"\\u0000"', "[]"]
+    for text in taken:
+        assert not jsonb_refuses(text) and json_conv(text) == RawJson(text), text
