@@ -14,13 +14,13 @@ source still acknowledges the server's position so WAL does not pile up.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-import orjson
 import psycopg
 
 from . import model
@@ -53,7 +53,7 @@ from .queries import QUERIES
 from .replication import ReplicationStream
 from .source import ensure_slot_and_publication
 from .userfunc import UserFunctionError
-from .jsontext import dumps, fits_numeric, jsonb_refuses, loads_exact
+from .jsontext import RawJson, dumps, fits_numeric, in_jsonb_order, jsonb_refuses, loads_exact
 from .values import TypeRegistry
 from .waiting import wait_event
 from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
@@ -410,13 +410,15 @@ class SourceReader:
             await self._flusher.settle()  # the row's last version may be in the batch being written
             cur = await state.execute(QUERIES["last_retained_record"], (self.source.id, change.table_oid, record_pk))
             row = await cur.fetchone()
-            previous = orjson.loads(row[0]) if row else None
+            # numbers as their exact text: a float would drop digits (1.50 -> 1.5) when written back
+            previous = json.loads(row[0], parse_float=RawJson) if row else None
         missing = []
         for column in change.unchanged_toast:
             if previous is not None and column in previous:
                 change.record[column] = previous[column]
             else:
                 missing.append(column)
+        change.record = in_jsonb_order(change.record)  # the filled columns came last
         if missing:
             log.warning("%s.%s row %s: unchanged TOAST column(s) %s not retained; left out of the record "
                         "(set REPLICA IDENTITY FULL on the table to always have them)",

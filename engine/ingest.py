@@ -166,8 +166,8 @@ class IngestBuffer:
     _round_robin: int = 0
     # COPY rows of changes[:_prepared] (see prepare), with their queue rows' count and sinks
     _prepared: int = 0
-    _changes_text: list[bytes] = field(default_factory=list)
-    _messages_text: list[bytes] = field(default_factory=list)
+    _changes_rows: list[bytes] = field(default_factory=list)
+    _messages_rows: list[bytes] = field(default_factory=list)
     _n_messages: int = 0
     _sink_keys: set[bytes] = field(default_factory=set)
 
@@ -203,14 +203,15 @@ class IngestBuffer:
 
         The reader calls this between bursts of the stream, so that a flush
         finds its data ready: built at flush time, it left the state backend
-        idle meanwhile (measured: ~7 µs a change, 27 ms of each 4,000-change
-        batch, ~13% of an ingest run).
+        idle meanwhile (measured with COPY text: ~7 µs a change, 27 ms of each
+        4,000-change batch, ~13% of an ingest run). Built in a tight loop per
+        burst, not as each change is added: that measured slower.
         """
         if self._prepared == len(self.changes):
             return
         new = self.changes[self._prepared:]
-        self._changes_text.append(self._changes_copy_data(new))
-        self._messages_text.append(self._messages_copy_data(new))
+        self._changes_rows.append(self._changes_copy_data(new))
+        self._messages_rows.append(self._messages_copy_data(new))
         self._prepared = len(self.changes)
 
     def detach(self) -> Batch:
@@ -221,13 +222,13 @@ class IngestBuffer:
         """
         self.prepare()
         new_checkpoint, new_ack = self.next_checkpoint()
-        batch = Batch(self.changes, self.checkpoint, new_checkpoint, new_ack, _copy_data(self._changes_text),
-                      _copy_data(self._messages_text) if self._n_messages else b"", self._n_messages,
+        batch = Batch(self.changes, self.checkpoint, new_checkpoint, new_ack, _copy_data(self._changes_rows),
+                      _copy_data(self._messages_rows) if self._n_messages else b"", self._n_messages,
                       tuple(sorted(key.decode() for key in self._sink_keys)))
         self.checkpoint, self.ack_lsn = new_checkpoint, new_ack
         self.changes = []
         self.completed = None
-        self._prepared, self._changes_text, self._messages_text = 0, [], []
+        self._prepared, self._changes_rows, self._messages_rows = 0, [], []
         self._n_messages, self._sink_keys = 0, set()
         return batch
 
