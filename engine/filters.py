@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import orjson
 import pglast
 from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType, BoolTestType, NullTestType
@@ -526,7 +525,7 @@ def retained_change_passes(predicate: Predicate, sink: Any, schema: str, table: 
     try:
         stamp = committed_at.astimezone(UTC).isoformat() if committed_at else None
         metadata = filter_metadata(sink, schema, table, stamp, commit_lsn, commit_idx,
-                                   orjson.loads(annotations) if annotations else None)
+                                   loads_exact(annotations) if annotations else None)
         return bool(predicate(action, loads_exact(record or "null"), loads_exact(changes) if changes else None,
                               metadata))
     except Exception:  # noqa: BLE001 - as capture: a change its filter could not judge was kept

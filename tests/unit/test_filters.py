@@ -401,3 +401,20 @@ def test_a_retained_change_is_judged_as_capture_judged_it(tmp_path: Path) -> Non
     assert judged('{"payload": {"price": 150.5}}') is True
     assert judged('{"payload": {"price": 5}}') is False
     assert judged('{"payload": null}') is True  # the filter raised: kept, as capture keeps it
+
+
+def test_replay_sees_annotation_numbers_exactly_as_capture_did() -> None:
+    # capture hands filters annotations read with loads_exact; replay must not round them to floats
+    seen: list[Any] = []
+
+    def predicate(action: str, record: Any, changes: Any, metadata: dict[str, Any]) -> bool:
+        seen.append(metadata["transaction_annotations"])
+        return True
+
+    class Sink:
+        id, name, annotations = "s", "s", {}
+
+    annotations = '{"n": 12345678901234567890.1, "i": 98765432109876543210}'
+    assert filters.retained_change_passes(predicate, Sink(), "public", "t", "insert", '{"id": 1}', None, None,
+                                          1, 0, annotations)
+    assert seen == [{"n": Decimal("12345678901234567890.1"), "i": 98765432109876543210}]
