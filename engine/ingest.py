@@ -63,8 +63,8 @@ class TxFields:
     def make(cls, source_id: UUID, commit_lsn: int, xid: int, committed_at: datetime,
              annotations: bytes | None = None) -> TxFields:
         micros = (committed_at - PG_EPOCH) // _MICROSECOND
-        return cls(commit_lsn, committed_at, _CHANGES_HEAD.pack(13, 16, source_id.bytes, 8, commit_lsn, 8, xid, 8, micros),
-                   _INT8_FIELDS.pack(8, commit_lsn, 8, micros), jsonb_field(annotations))
+        head = _CHANGES_HEAD.pack(13, 16, source_id.bytes, 8, commit_lsn, 8, xid, 8, micros)
+        return cls(commit_lsn, committed_at, head, _INT8_FIELDS.pack(8, commit_lsn, 8, micros), jsonb_field(annotations))
 
     def annotated(self, annotations: bytes | None) -> TxFields:
         """The same, for the changes after a transaction's annotations message."""
@@ -223,7 +223,7 @@ class IngestBuffer:
         self.prepare()
         new_checkpoint, new_ack = self.next_checkpoint()
         batch = Batch(self.changes, self.checkpoint, new_checkpoint, new_ack, _copy_data(self._changes_rows),
-                      _copy_data(self._messages_rows) if self._n_messages else b"", self._n_messages,
+                      _copy_data(self._messages_rows), self._n_messages,
                       tuple(sorted(key.decode() for key in self._sink_keys)))
         self.checkpoint, self.ack_lsn = new_checkpoint, new_ack
         self.changes = []
