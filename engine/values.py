@@ -91,6 +91,11 @@ def _json(text: str) -> Any:
     return RawJson(text)
 
 
+def _jsonb(text: str) -> Any:
+    """The document itself (jsonb printed it, so jsonb takes it back)."""
+    return RawJson(text)
+
+
 def _pad_time(t: str) -> str:
     """``HH:MM:SS[.f{1,6}]`` -> ``HH:MM:SS.ffffff`` (Postgres strips trailing zeros)."""
     n = len(t)
@@ -304,7 +309,7 @@ _SCALARS: dict[int, Converter | None] = {
     20: int, 21: int, 23: int, 26: int,  # Postgres prints plain decimal ints
     700: _float, 701: _float,
     1700: _numeric,
-    114: _json, 3802: _json,
+    114: _json, 3802: _jsonb,
     1083: _time, 1266: _timetz, 1114: _timestamp, 1184: _timestamptz,
 }
 
