@@ -53,7 +53,7 @@ from .queries import QUERIES
 from .replication import ReplicationStream
 from .source import ensure_slot_and_publication
 from .userfunc import UserFunctionError
-from .jsontext import RawJson, dumps, fits_numeric, in_jsonb_order, jsonb_refuses, loads_exact
+from .jsontext import RawJson, dumps, in_jsonb_order, jsonb_refuses, loads_exact
 from .values import TypeRegistry
 from .waiting import wait_event
 from .wal2json import WAL2JSON_OPTIONS, Wal2JsonDecoder
@@ -446,17 +446,14 @@ def _annotations(content: bytes, source_name: str) -> bytes | None:
     except ValueError:  # not UTF-8, not JSON, or nested too deeply
         log.warning("source %s: transaction annotations are not JSON; ignored: %r", source_name, content[:200])
         return None
-    if not fits_numeric(value):  # the retention log (jsonb) would refuse it, and capture would stop there
-        log.warning("source %s: transaction annotations hold a number Postgres cannot store; ignored: %r",
-                    source_name, content[:200])
-        return None
     try:
         text = dumps(value)
     except TypeError:  # a lone UTF-16 surrogate, which JSON text may spell and UTF-8 cannot hold
         text = None
-    if text is None or jsonb_refuses(text.decode()):  # the same: jsonb would refuse it
-        log.warning("source %s: transaction annotations hold a character Postgres cannot store (\\u0000 or a "
-                    "lone surrogate); ignored: %r", source_name, content[:200])
+    if text is None or jsonb_refuses(text.decode()):  # the retention log (jsonb) would refuse it, and
+        # capture would stop there
+        log.warning("source %s: transaction annotations hold what Postgres cannot store (\\u0000, a lone "
+                    "surrogate, a number beyond numeric's range); ignored: %r", source_name, content[:200])
         return None
     return text
 

@@ -146,17 +146,17 @@ def _jsonb_string(text: str) -> str:
 
 
 # What could make jsonb refuse JSON that json accepted: a \u0000 or surrogate escape, a long exponent
-_JSONB_SUSPECT = re.compile(r"\\u(?:0000|[dD][89a-fA-F])|\d[eE][+-]?\d{5,}")
+# or run of digits (only a pre-filter: a suspect text is parsed to decide)
+_JSONB_SUSPECT = re.compile(r"\\u(?:0000|[dD][89a-fA-F])|\d[eE][+-]?\d{4,}|\d{1001}")
 _BAD_CHARACTER = re.compile("[\x00\ud800-\udfff]")  # NUL, or half of a UTF-16 surrogate pair
 
 
 def jsonb_refuses(json_text: str) -> bool:
-    """Whether jsonb refuses JSON text that the json type takes.
+    """Whether jsonb may refuse JSON text that the json type takes.
 
     jsonb holds no NUL character (a ``\\u0000`` escape), no lone UTF-16
-    surrogate escape, and no number outside numeric's range (more than
-    131072 digits before the point or 16383 after). Cheap for the usual
-    text; only a suspect one is parsed.
+    surrogate escape, and no number that numeric input refuses (see
+    :func:`_numeric_fits`). Cheap for the usual text; only a suspect one is parsed.
     """
     if _JSONB_SUSPECT.search(json_text) is None:
         return False
@@ -167,9 +167,16 @@ def jsonb_refuses(json_text: str) -> bool:
     return _holds_bad_string(value)
 
 
+def _numeric_fits(number: Decimal) -> bool:
+    """Whether numeric input takes the number on every server we support: an exponent within
+    ±1000 (PostgreSQL 15 takes more, older servers do not) and at most 16383 digits after the point."""
+    scale = -number.as_tuple().exponent  # type: ignore[operator]
+    return number.is_finite() and -1000 <= number.adjusted() <= 1000 and scale <= 16383
+
+
 def _numeric_number(text: str) -> Decimal:
     number = Decimal(text)
-    if number.adjusted() > 131071 or number.as_tuple().exponent < -16383:  # type: ignore[operator]
+    if not _numeric_fits(number):
         raise ValueError(f"{text[:20]} is out of numeric's range")
     return number
 
@@ -192,18 +199,6 @@ def _exact_float(text: str) -> float | Decimal:
     if math.isfinite(f) and Decimal(repr(f)) == Decimal(text):
         return f
     return Decimal(text)
-
-
-def fits_numeric(value: Any) -> bool:
-    """Whether every number in ``value`` fits Postgres numeric input (exponent within ±1000),
-    so that jsonb can hold it; JSON can spell more (``1e1001``)."""
-    if isinstance(value, Decimal):
-        return value.is_finite() and -1000 <= value.adjusted() <= 1000
-    if isinstance(value, dict):
-        return all(fits_numeric(v) for v in value.values())
-    if isinstance(value, list):
-        return all(fits_numeric(v) for v in value)
-    return True
 
 
 def loads_exact(text: str) -> Any:
