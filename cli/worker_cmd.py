@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from typing import Annotated
 
 import typer
@@ -58,9 +59,7 @@ def _supervise(url: str, roles: list[str], sources: list[str], sinks: list[str],
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        signal_children(children, signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the first child: none is ever left behind
         signal.signal(sig, forward)
@@ -83,6 +82,18 @@ def _supervise(url: str, roles: list[str], sources: list[str], sinks: list[str],
             status = status or (child.returncode or 1)
             forward(signal.SIGTERM, None)
     return status
+
+
+def signal_children(children: Iterable[subprocess.Popen[bytes]], signum: int) -> None:
+    """Send ``signum`` to children the wait loop has not reaped yet, without reaping any here.
+
+    ``Popen.poll()`` and ``Popen.send_signal()`` call ``waitpid``: from a signal handler they would
+    reap a child that just exited behind the loop's back, and its ``os.wait()`` would then fail
+    with "No child processes". An exited child that is not reaped stays a zombie, so its pid is
+    still ours and ``os.kill`` on it is harmless.
+    """
+    for child in list(children):
+        os.kill(child.pid, signum)
 
 
 def stopped_cleanly(returncode: int) -> bool:
