@@ -6,7 +6,8 @@ reader, the walsender and the state backend share two cores:
 * ``reader``: WAL frames of a recorded workload (benchmark_records, half
   inserts, half updates) replayed through the reader's own code (frame parse,
   pgoutput decode, routing, group key, COPY rows) with no I/O. The result is
-  the best of several passes, in CPU time per change. ``decode`` is the
+  the best of several passes, in CPU time per change (and the garbage
+  collector's part of it, under the worker's `tune_gc`). ``decode`` is the
   decoder alone.
 * ``copy``: COPY of the same rows into ``pgsink.changes`` and
   ``pgsink.messages`` in one transaction, against plain copies of those tables
@@ -17,16 +18,18 @@ reader, the walsender and the state backend share two cores:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
 
 import psycopg
 
 from pgsink.engine import model
-from pgsink.engine.capture import SESSION_OPTIONS, SourceReader
+from pgsink.engine.capture import SESSION_OPTIONS, ReaderSettings, SourceReader
 from pgsink.engine.decode import PgoutputDecoder, RowChange
 from pgsink.engine.framing import XLogData, parse_copy_data, xlog_payload
 from pgsink.engine.embedded import EmbeddedPostgres
@@ -39,6 +42,7 @@ from .common import INSERT_ROWS, capture_database, save
 from .ingest import _write_workload
 
 PASSES = 5
+FLUSH_CHANGES = ReaderSettings.flush_changes
 
 CHANGES_COLUMNS = ("(source_id, commit_lsn, commit_idx, xid, committed_at, source_table_oid, source_table_schema,"
                    " source_table_name, action, record_pk, record, changes, transaction_annotations)")
@@ -99,37 +103,60 @@ async def _reader_costs(dsn: str, source_id: UUID, end_lsn: int) -> dict[str, An
         async with await psycopg.AsyncConnection.connect(source.dsn(), autocommit=True) as source_conn:
             types = TypeRegistry()
 
-            async def replay(decode_only: bool) -> tuple[int, float]:
-                """One pass over the frames, as the reader's loop handles them (minus the I/O)."""
+            async def replay(decode_only: bool) -> tuple[int, float, float]:
+                """One pass over the frames, as the reader's loop handles them (minus the I/O);
+                the count, CPU seconds, and the garbage collector's part of them."""
                 decoder = PgoutputDecoder(types)
                 buffer = IngestBuffer(source_id, Position(0, 0), 0)
                 tx = None
                 n = 0
-                started = time.process_time()
-                for raw in frames:
-                    payload = xlog_payload(raw)
-                    if payload is None:
-                        continue
-                    for event in decoder.feed(payload):
-                        if decode_only:
-                            n += type(event) is RowChange
-                        elif type(event) is RowChange and tx is not None and not event.unchanged_toast:
-                            reader._on_row(event, tx, buffer)
-                        else:
-                            tx = await reader._on_event(event, tx, buffer, source_conn, types, state)
-                    if len(buffer.changes) >= 5000:
-                        n += _copy_text(buffer)
-                n += _copy_text(buffer)
-                return n, time.process_time() - started
+                with gc_timer() as gc_seconds:
+                    started = time.process_time()
+                    for raw in frames:
+                        payload = xlog_payload(raw)
+                        if payload is None:
+                            continue
+                        for event in decoder.feed(payload):
+                            if decode_only:
+                                n += type(event) is RowChange
+                            elif type(event) is RowChange and tx is not None and not event.unchanged_toast:
+                                reader._on_row(event, tx, buffer)
+                            else:
+                                tx = await reader._on_event(event, tx, buffer, source_conn, types, state)
+                        if len(buffer.changes) >= FLUSH_CHANGES:
+                            n += _copy_text(buffer)
+                    n += _copy_text(buffer)
+                    cpu = time.process_time() - started
+                return n, cpu, gc_seconds[0]
 
             await replay(False)  # loads the types
             tune_gc()
             result: dict[str, Any] = {"frames": len(frames)}
-            for name, decode_only in (("decode_us_per_change", True), ("reader_us_per_change", False)):
+            for name, decode_only in (("decode", True), ("reader", False)):
                 best = min([await replay(decode_only) for _ in range(PASSES)], key=lambda r: r[1])
-                result[name] = round(best[1] * 1e6 / best[0], 1)
+                result[f"{name}_us_per_change"] = round(best[1] * 1e6 / best[0], 1)
+                result[f"{name}_gc_us_per_change"] = round(best[2] * 1e6 / best[0], 2)
             gc.unfreeze()
             return result
+
+
+@contextlib.contextmanager
+def gc_timer() -> Iterator[list[float]]:
+    """Seconds the garbage collector ran inside the block (in the list it yields, at exit)."""
+    total = [0.0]
+    started = [0.0]
+
+    def track(phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            total[0] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(track)
+    try:
+        yield total
+    finally:
+        gc.callbacks.remove(track)
 
 
 def _copy_text(buffer: IngestBuffer) -> int:
@@ -185,7 +212,8 @@ def main(changes: int) -> None:
     path = save("costs", result)
     r = result["reader"]
     print(f"reader replay: decode {r['decode_us_per_change']} us/change, decode + route + COPY rows "
-          f"{r['reader_us_per_change']} us/change ({r['frames']} frames)")
+          f"{r['reader_us_per_change']} us/change, of it garbage collection {r['reader_gc_us_per_change']} us/change "
+          f"({r['frames']} frames)")
     for name, us in result["copy_us_per_row"].items():
         print(f"COPY {name}: {us} us/row")
     print(f"-> {path}")

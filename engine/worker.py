@@ -62,15 +62,19 @@ def build_stages(dsn: str, roles: Iterable[str], *, worker_id: str,
 def tune_gc() -> None:
     """Fewer garbage-collector passes over long-lived objects.
 
-    The reader allocates several objects per change and keeps a batch of them
-    alive until it is written, so with the default thresholds the collector
-    keeps re-scanning them (and every module loaded at start-up): ~15% of the
-    reader's CPU in benchmarks/. Freezing what start-up made and collecting the
-    young generation less often removes most of that; reference counting still
-    frees almost everything at once.
+    The reader allocates several tracked objects per change (~8 for a row with
+    an array and a json column) and keeps them alive until their batch is
+    written; while one batch is written the next is built, so ~80k are alive
+    at the peak with the default ``flush_changes``. Each young collection
+    scans all of them (and, without the freeze, every module loaded at
+    start-up). With a young threshold below that peak, collections ran once or
+    twice per batch: 0.4-0.7 s of the reader's CPU per 200k changes in the
+    ingest benchmark, against 0.03 s at 100k (benchmarks/RESULTS.md). Reference
+    counting frees a written batch at once, so the net count rarely reaches the
+    threshold; the collector is left for the few reference cycles.
     """
     gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    gc.set_threshold(100_000, 20, 20)
 
 
 async def run_stages(stages: dict[str, Stage], *, install_signals: bool = True) -> None:
