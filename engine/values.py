@@ -130,6 +130,8 @@ def _timetz(text: str) -> Any:
 
 def _timestamp(text: str) -> Any:
     """``2024-01-02 03:04:05.12`` -> ``2024-01-02T03:04:05.120000``; BC/infinity unchanged."""
+    if len(text) == 26 and text[10] == " " and text[19] == ".":  # six digits (most values): half the time
+        return text.replace(" ", "T", 1)
     if len(text) < 19 or text[4] != "-" or text[10] != " " or text[-1] == "C":
         return text
     return text[:10] + "T" + _pad_time(text[11:])
@@ -137,6 +139,8 @@ def _timestamp(text: str) -> Any:
 
 def _timestamptz(text: str) -> Any:
     """ISO 8601 in UTC with ``Z``; fast when the session TimeZone is UTC."""
+    if len(text) == 29 and text[10] == " " and text[19] == "." and text[26:] == "+00":  # the common case, fast
+        return text[:26].replace(" ", "T", 1) + "Z"
     if len(text) < 22 or text[4] != "-" or text[10] != " " or text[-1] == "C":
         return text  # infinity, BC, years past 9999: as printed
     if text[-3:] == "+00":
