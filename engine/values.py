@@ -130,8 +130,8 @@ def _timetz(text: str) -> Any:
 
 def _timestamp(text: str) -> Any:
     """``2024-01-02 03:04:05.12`` -> ``2024-01-02T03:04:05.120000``; BC/infinity unchanged."""
-    if len(text) == 26 and text[10] == " " and text[19] == ".":  # six digits (most values): half the time
-        return text.replace(" ", "T", 1)
+    if len(text) == 26 and text[10] == " " and text[19] == "." and text[-1] != "C":  # six digits: most values
+        return text.replace(" ", "T", 1)  # (not "…12:00:00.123 BC", 26 characters too)
     if len(text) < 19 or text[4] != "-" or text[10] != " " or text[-1] == "C":
         return text
     return text[:10] + "T" + _pad_time(text[11:])

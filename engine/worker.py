@@ -69,7 +69,7 @@ def tune_gc() -> None:
     scans all of them (and, without the freeze, every module loaded at
     start-up). With a young threshold below that peak, collections ran once or
     twice per batch: 0.4-0.7 s of the reader's CPU per 200k changes in the
-    ingest benchmark, against 0.03 s at 100k (benchmarks/RESULTS.md). Reference
+    ingest benchmark, against under 0.02 s at 100k (benchmarks/RESULTS.md). Reference
     counting frees a written batch at once, so the net count rarely reaches the
     threshold; the collector is left for the few reference cycles.
     """
