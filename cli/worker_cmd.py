@@ -7,6 +7,7 @@ want one). `--one-process` runs them all on one event loop instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -93,7 +94,8 @@ def signal_children(children: Iterable[subprocess.Popen[bytes]], signum: int) ->
     still ours and ``os.kill`` on it is harmless.
     """
     for child in list(children):
-        os.kill(child.pid, signum)
+        with contextlib.suppress(ProcessLookupError):  # reaped by os.wait(), not yet popped
+            os.kill(child.pid, signum)
 
 
 def stopped_cleanly(returncode: int) -> bool:

@@ -130,8 +130,9 @@ def _timetz(text: str) -> Any:
 
 def _timestamp(text: str) -> Any:
     """``2024-01-02 03:04:05.12`` -> ``2024-01-02T03:04:05.120000``; BC/infinity unchanged."""
-    if len(text) == 26 and text[10] == " " and text[19] == "." and text[-1] != "C":  # six digits: most values
-        return text.replace(" ", "T", 1)  # (not "…12:00:00.123 BC", 26 characters too)
+    # six fractional digits, most values (not "…12:00:00.123 BC", 26 characters too)
+    if len(text) == 26 and text[4] == "-" and text[10] == " " and text[19] == "." and text[-1] != "C":
+        return text.replace(" ", "T", 1)
     if len(text) < 19 or text[4] != "-" or text[10] != " " or text[-1] == "C":
         return text
     return text[:10] + "T" + _pad_time(text[11:])
@@ -139,7 +140,8 @@ def _timestamp(text: str) -> Any:
 
 def _timestamptz(text: str) -> Any:
     """ISO 8601 in UTC with ``Z``; fast when the session TimeZone is UTC."""
-    if len(text) == 29 and text[10] == " " and text[19] == "." and text[26:] == "+00":  # the common case, fast
+    # the common case, fast: six fractional digits in UTC
+    if len(text) == 29 and text[4] == "-" and text[10] == " " and text[19] == "." and text[26:] == "+00":
         return text[:26].replace(" ", "T", 1) + "Z"
     if len(text) < 22 or text[4] != "-" or text[10] != " " or text[-1] == "C":
         return text  # infinity, BC, years past 9999: as printed

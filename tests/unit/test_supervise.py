@@ -27,3 +27,19 @@ async def test_signalling_an_exited_child_leaves_it_for_the_wait_loop() -> None:
     assert pid == child.pid
     assert os.waitstatus_to_exitcode(status) == 0
     child.returncode = 0  # reaped here: keep Popen from waiting on it again
+
+
+def test_signalling_a_child_reaped_but_not_yet_popped_does_not_raise() -> None:
+    """A signal between the loop's ``os.wait()`` and its pop of that child: the pid is gone
+    (ProcessLookupError), which must not stop the others being signalled."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    os.waitpid(gone.pid, 0)
+    gone.returncode = 0
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        signal_children([gone, alive], signal.SIGTERM)
+        assert alive.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        if alive.poll() is None:
+            alive.kill()
+            alive.wait()

@@ -73,6 +73,7 @@ SCALARS: list[tuple[str, int, str, bytes]] = [
     ("timestamp six digits", 1114, "2024-10-28 21:37:01.127471", b'"2024-10-28T21:37:01.127471"'),
     ("timestamp BC six digits", 1114, "0044-03-15 12:00:00.123456 BC", b'"0044-03-15 12:00:00.123456 BC"'),
     ("timestamp BC 26 chars", 1114, "0044-03-15 12:00:00.123 BC", b'"0044-03-15 12:00:00.123 BC"'),
+    ("timestamp other datestyle 26 chars", 1114, "10/28/2024 21:37:01.127471", b'"10/28/2024 21:37:01.127471"'),
     ("timestamp infinity", 1114, "infinity", b'"infinity"'),
     ("timestamp BC", 1114, "0044-03-15 12:00:00 BC", b'"0044-03-15 12:00:00 BC"'),
     ("timestamptz utc", 1184, "2024-10-28 21:37:01.12747+00", b'"2024-10-28T21:37:01.127470Z"'),
