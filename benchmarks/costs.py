@@ -130,7 +130,7 @@ async def _reader_costs(dsn: str, source_id: UUID, end_lsn: int) -> dict[str, An
                 return n, cpu, gc_seconds[0]
 
             await replay(False)  # loads the types
-            tune_gc()
+            tune_gc(reader_only=True)  # the replay is the reader's work alone
             result: dict[str, Any] = {"frames": len(frames)}
             for name, decode_only in (("decode", True), ("reader", False)):
                 best = min([await replay(decode_only) for _ in range(PASSES)], key=lambda r: r[1])

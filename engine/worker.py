@@ -59,7 +59,7 @@ def build_stages(dsn: str, roles: Iterable[str], *, worker_id: str,
     return stages
 
 
-def tune_gc(reader_only: bool = True) -> None:
+def tune_gc(*, reader_only: bool) -> None:
     """Fewer garbage-collector passes over long-lived objects.
 
     The reader allocates several tracked objects per change (~8 for a row with

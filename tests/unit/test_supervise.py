@@ -35,7 +35,7 @@ def test_signalling_a_child_reaped_but_not_yet_popped_does_not_raise() -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     os.waitpid(gone.pid, 0)
     gone.returncode = 0
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # ok-sleep: a child to signal
     try:
         signal_children([gone, alive], signal.SIGTERM)
         assert alive.wait(timeout=30) == -signal.SIGTERM
